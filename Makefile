@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(VENV)/bin/rspo objectives
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

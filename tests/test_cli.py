@@ -29,3 +29,15 @@ def test_objectives_list(capsys):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "rspo.cli", "objectives", "--list"], capture_output=True, text=True)
     assert r.returncode == 0 and "rspo" in r.stdout
+
+
+def test_models_lists_presets_with_counts(capsys):
+    from rspo.models import list_presets
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in list_presets():
+        assert name in out
+    line = next(x for x in out.splitlines() if x.startswith("qwen3-moe-countdown "))
+    total, active = (int(v.replace(",", "")) for v in line.split()[2:4])
+    assert 3_000_000 < total < 4_000_000 and active < total / 4

@@ -66,6 +66,25 @@ def cmd_objectives(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from rspo.models import PRESETS, build_model, count_parameters
+    from rspo.routing import MoERouters
+
+    print(
+        f"{'preset':26s} {'family':12s} {'total':>10s} {'active':>10s} {'MoE layers':>10s} {'E':>3s} {'k':>2s}  "
+        f"{'trace B/token':>13s}  description"
+    )
+    for name, p in PRESETS.items():
+        model = build_model(name, args.vocab_size)
+        total, active = count_parameters(model)
+        r = MoERouters(model)
+        print(
+            f"{name:26s} {p.family:12s} {total:>10,d} {active:>10,d} {r.num_layers:>10d} {r.num_experts:>3d} "
+            f"{r.top_k:>2d}  {r.bytes_per_token():>13d}  {p.description}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rspo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -73,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--list", action="store_true", help="list registered objectives, defaults and papers")
     po.add_argument("--seed", type=int, default=0)
     po.set_defaults(func=cmd_objectives)
+    pm = sub.add_parser("models", help="list the model presets with total and active parameter counts")
+    pm.add_argument("--vocab-size", type=int, default=32, help="vocabulary size to count parameters with")
+    pm.set_defaults(func=cmd_models)
     return p
 
 

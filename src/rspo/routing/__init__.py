@@ -1,5 +1,7 @@
 """Router-shift math, router capture and routing control for transformers MoE families."""
 
+from rspo.routing.capture import MoERouters, ReplayMode, RouterTrace, index_dtype
+from rspo.routing.families import FAMILIES, RouterFamily, RouterProb, family_of
 from rspo.routing.shift import (
     ExpertAgg,
     LayerAgg,
@@ -11,8 +13,16 @@ from rspo.routing.shift import (
 )
 
 __all__ = [
+    "FAMILIES",
     "ExpertAgg",
     "LayerAgg",
+    "MoERouters",
+    "ReplayMode",
+    "RouterFamily",
+    "RouterProb",
+    "RouterTrace",
+    "family_of",
+    "index_dtype",
     "non_shifted_ratio",
     "router_clip_mask",
     "router_shift_log_ratio",

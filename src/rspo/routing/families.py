@@ -1,0 +1,112 @@
+"""Router semantics of the transformers (5.x) MoE families.
+
+In every supported family the router is a module whose forward returns
+``(router_logits (N, E), weights (N, k), indices (N, k))`` for the N = B*S tokens of the call,
+and the experts consume ``(indices, weights)``. What differs is how probabilities and weights
+come from the logits:
+
+| family | router probability r (the default for the shift) | weights the experts get |
+|---|---|---|
+| qwen3_moe, qwen2_moe, olmoe | softmax over all E | softmax at top-k, renormalised if ``norm_topk_prob`` |
+| mixtral | softmax over all E | softmax at top-k, always renormalised |
+| gpt_oss | softmax over all E | top-k on raw logits, softmax over the k |
+| deepseek_v3 | sigmoid score | sigmoid at top-k of (score + bias) in groups, renormalised, x scale |
+
+``prob='topk_renorm'`` uses instead the probability renormalised over the old top-K set:
+r_k / sum_{j in S_old} r_j (for gpt_oss this equals its weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+RouterProb = Literal["full", "topk_renorm"]
+
+
+@dataclass(frozen=True)
+class RouterFamily:
+    """How one MoE family turns router logits into probabilities and expert weights."""
+
+    model_type: str
+    router_class: str
+    score: Literal["softmax", "sigmoid"]
+    weights: Literal["softmax_topk", "softmax_topk_renorm", "softmax_over_k", "sigmoid_deepseek"]
+
+    def log_probs(self, logits: Tensor) -> Tensor:
+        """Router log-probabilities over all experts, ``(N, E)`` float32 (log-sigmoid for sigmoid routers)."""
+        x = logits.float()
+        return torch.nn.functional.logsigmoid(x) if self.score == "sigmoid" else torch.log_softmax(x, dim=-1)
+
+    def selection_scores(self, router: nn.Module, logits: Tensor) -> Tensor:
+        """The scores whose top-k the family selects (used only when K differs from the model's top-k)."""
+        if self.score == "sigmoid":
+            return logits.float().sigmoid() + router.e_score_correction_bias
+        return logits.float()
+
+    def weights_at(self, router: nn.Module, logits: Tensor, idx: Tensor) -> Tensor:
+        """Expert weights the family would give to experts ``idx`` ``(N, k)``: for routing replay.
+
+        Mirrors the family's router forward op for op, so that with the router's own indices the
+        result is bit-identical to what the router returns.
+        """
+        if self.weights == "softmax_over_k":  # gpt_oss
+            top = logits.gather(-1, idx)
+            return torch.nn.functional.softmax(top, dim=1, dtype=top.dtype)
+        if self.weights == "sigmoid_deepseek":
+            w = logits.sigmoid().gather(1, idx)
+            if router.norm_topk_prob:
+                w /= w.sum(dim=-1, keepdim=True) + 1e-20
+            return w * router.routed_scaling_factor
+        if self.weights == "softmax_topk_renorm":  # mixtral: float softmax, always renormalised, stays float32
+            w = torch.nn.functional.softmax(logits.float(), dim=-1).gather(-1, idx)
+            w /= w.sum(dim=-1, keepdim=True)
+            return w
+        w = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1).gather(-1, idx)
+        if router.norm_topk_prob:
+            w /= w.sum(dim=-1, keepdim=True)
+        return w.to(logits.dtype)
+
+
+FAMILIES: dict[str, RouterFamily] = {
+    f.model_type: f
+    for f in (
+        RouterFamily("qwen3_moe", "Qwen3MoeTopKRouter", "softmax", "softmax_topk"),
+        RouterFamily("qwen2_moe", "Qwen2MoeTopKRouter", "softmax", "softmax_topk"),
+        RouterFamily("olmoe", "OlmoeTopKRouter", "softmax", "softmax_topk"),
+        RouterFamily("mixtral", "MixtralTopKRouter", "softmax", "softmax_topk_renorm"),
+        RouterFamily("gpt_oss", "GptOssTopKRouter", "softmax", "softmax_over_k"),
+        RouterFamily("deepseek_v3", "DeepseekV3TopkRouter", "sigmoid", "sigmoid_deepseek"),
+    )
+}
+
+
+def family_of(model: nn.Module) -> RouterFamily:
+    """The router family of ``model`` (from ``config.model_type``); clear errors otherwise."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    names = {type(m).__name__ for m in model.modules()}
+    looks_moe = any("router" in n.lower() or "moe" in n.lower() for n in names)
+    if looks_moe:
+        raise ValueError(
+            f"{type(model).__name__} (model_type={model_type!r}) has MoE modules but its router family is not "
+            f"supported; supported model types: {', '.join(FAMILIES)}"
+        )
+    raise ValueError(
+        f"{type(model).__name__} (model_type={model_type!r}) has no MoE layer: router data needs a Mixture-of-"
+        f"Experts model ({', '.join(FAMILIES)})"
+    )
+
+
+def router_log_probs_at(family: RouterFamily, logits: Tensor, idx: Tensor, prob: RouterProb = "full") -> Tensor:
+    """log r at experts ``idx`` ``(N, K)`` from logits ``(N, E)``: full probability or renormalised over idx."""
+    lp = family.log_probs(logits).gather(-1, idx)
+    if prob == "topk_renorm":
+        lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+    return lp
