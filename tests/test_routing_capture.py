@@ -130,7 +130,7 @@ def test_gamma_is_exactly_one_when_unchanged(preset):
     out.logits.sum().backward()  # the gathered log-probs are detached by default: nothing breaks
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-mixtral", "tiny-gpt-oss", "tiny-deepseek-v3"])
+@pytest.mark.parametrize("preset", FAMILIES)
 def test_replay_is_bit_exact_with_unchanged_parameters(preset):
     model, routers = make(preset)
     x = batch(seed=3)
