@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -85,6 +86,88 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from rspo.config import load_config
+    from rspo.pretrain import PretrainConfig, pretrain
+
+    path, overrides = _config_and_overrides(args.args)
+    cfg = load_config(PretrainConfig, path, overrides)
+    result = pretrain(cfg)
+    print(
+        f"saved {cfg.out_dir}: {result['params_total']:,} parameters ({result['params_active']:,} active), "
+        f"{result['train_seconds']:.0f} s, final loss {result['final_loss']:.3f}"
+    )
+    if "test_greedy_acc" in result:
+        print(f"test accuracy: greedy {result['test_greedy_acc']:.1%}, sampled (T=1) {result['test_sampled_acc']:.1%}")
+    return 0
+
+
+def _config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """A leading YAML path (optional) followed by dotted key=value overrides."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rspo.checkpoint import load_policy
+    from rspo.evaluate import evaluate, write_jsonl
+    from rspo.tasks.countdown import CountdownSplits
+
+    if args.task != "countdown":
+        raise SystemExit(f"unknown task {args.task!r}; available: countdown")
+    torch.set_num_threads(args.threads)
+    model, tok = load_policy(args.model)
+    problems = CountdownSplits().split(args.split)[: args.limit]
+    out = args.out or f"{args.model.rstrip('/')}/eval-{args.task}-{args.split}.jsonl"
+    records = []
+    for greedy in (True, False):
+        res = evaluate(model, tok, problems, greedy=greedy, temperature=args.temperature, seed=args.seed, progress=True)
+        print(res.summary())
+        records += [{**r, "mode": res.mode} for r in res.records]
+    write_jsonl(out, records)
+    print(f"{len(problems)} problems ({args.split}); responses written to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rspo.config import load_config
+    from rspo.plots import plot_runs
+    from rspo.train_config import TrainConfig
+    from rspo.trainer import TrainingError, resume, train
+
+    try:
+        if args.resume:
+            summary = resume(args.resume, overrides=args.args)
+        else:
+            path, overrides = _config_and_overrides(args.args)
+            summary = train(load_config(TrainConfig, path, overrides))
+    except TrainingError as e:
+        print(f"rspo train: stopped: {e}", file=sys.stderr)
+        return 3
+    png = plot_runs([summary["out_dir"]], Path(summary["out_dir"]) / "curves.png")
+    collapse = "none" if summary["collapse_step"] is None else f"at step {summary['collapse_step']}"
+    print(
+        f"done: {summary['steps']} steps, validation accuracy last {summary['last_val']:.1%} best "
+        f"{summary['best_val']:.1%}, collapse {collapse}; curves: {png}"
+    )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from rspo.plots import plot_runs
+
+    out = args.out or str(Path(args.runs[0]) / "curves.png")
+    print(f"wrote {plot_runs(args.runs, out)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rspo.demo import run_demo
+
+    return run_demo(args.out_dir, args.config, args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rspo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,12 +178,44 @@ def build_parser() -> argparse.ArgumentParser:
     pm = sub.add_parser("models", help="list the model presets with total and active parameter counts")
     pm.add_argument("--vocab-size", type=int, default=32, help="vocabulary size to count parameters with")
     pm.set_defaults(func=cmd_models)
+    pp = sub.add_parser("pretrain", help="pretrain a tiny MoE base policy on Countdown from scratch")
+    pp.add_argument("args", nargs="*", help="[CONFIG.yaml] then field=value overrides, e.g. steps=1200 out_dir=DIR")
+    pp.set_defaults(func=cmd_pretrain)
+    pe = sub.add_parser("eval", help="greedy and sampled pass@1 of a policy on a task split, with a JSONL of responses")
+    pe.add_argument("--model", required=True, help="checkpoint directory (save_pretrained format)")
+    pe.add_argument("--task", default="countdown")
+    pe.add_argument("--split", default="test", choices=["validation", "test"])
+    pe.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    pe.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the sampled pass")
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--threads", type=int, default=2)
+    pe.add_argument("--out", default=None, help="JSONL path (default: MODEL/eval-TASK-SPLIT.jsonl)")
+    pe.set_defaults(func=cmd_eval)
+    pt = sub.add_parser("train", help="GRPO-family RL of an MoE policy (YAML preset plus field=value overrides)")
+    pt.add_argument("args", nargs="*", help="CONFIG.yaml then overrides, e.g. objective.name=gspo seed=3")
+    pt.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    pt.set_defaults(func=cmd_train)
+    pl = sub.add_parser("plot", help="PNG curves of one or several runs on one figure")
+    pl.add_argument("runs", nargs="+", help="run directories")
+    pl.add_argument("--out", default=None, help="PNG path (default: FIRST_RUN/curves.png)")
+    pl.set_defaults(func=cmd_plot)
+    pd = sub.add_parser("demo", help="RSPO on Countdown from the shipped base policy, with a before/after table")
+    pd.add_argument("--out-dir", default="runs/demo")
+    pd.add_argument("--config", default=None, help="train config (default: configs/demo.yaml)")
+    pd.add_argument("args", nargs="*", help="overrides for the train config")
+    pd.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from rspo.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"rspo {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

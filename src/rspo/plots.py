@@ -1,0 +1,57 @@
+"""PNG curves of one or several runs (``rspo plot RUN_DIR [RUN_DIR ...]``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+PANELS = [
+    ("reward/mean", "reward (mean)"),
+    ("val/accuracy", "validation accuracy (greedy)"),
+    ("clip_ratio/region_mean", "clip fraction (active clip)"),
+    ("ratio/std", "importance ratio std"),
+    ("router/gamma_mean", "router-shift gamma (mean)"),
+    ("router/non_shifted_ratio", "non-shifted routing ratio"),
+    ("entropy/mean", "token entropy"),
+    ("grad/norm", "gradient norm"),
+]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a run directory")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """One figure with a panel per metric, one line per run; written as PNG to ``out``."""
+    runs = [read_metrics(d) for d in run_dirs]
+    labels = list(labels) if labels else [Path(d).name for d in run_dirs]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+        for rows, label in zip(runs, labels, strict=True):
+            x, y = series(rows, key)
+            if x:
+                ax.plot(x, y, label=label, marker="o" if key.startswith("val/") else None, ms=3, lw=1.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

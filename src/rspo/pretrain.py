@@ -1,0 +1,224 @@
+"""Pretrain a tiny MoE base policy on Countdown from scratch (supervised, on solver solutions).
+
+    rspo pretrain out_dir=runs/countdown-base steps=3000
+
+Each example is ``prompt + <answer>solution</answer> + eos``; the loss covers the response and
+eos only (the prompt's numbers are random). Problems stream from the train split (disjoint from
+validation and test), solved exactly by the solver in a background thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import random
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rspo.config import save_config, to_dict
+from rspo.evaluate import evaluate
+from rspo.models import build_model, count_parameters
+from rspo.tasks.countdown import CountdownSplits, Problem, format_answer, make_prompt, solve
+from rspo.tokenizer import build_char_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "qwen3-moe-countdown"
+    """Model preset from ``rspo models``."""
+    out_dir: str = "runs/countdown-base"
+    """Directory the final checkpoint (model, tokenizer, pretrain.json) is written to."""
+    seed: int = 0
+    """Seed of the model init, the data stream and sampling."""
+    steps: int = 3000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW), after linear warmup, cosine-decayed to 10% at the end."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    eval_every: int = 500
+    """Steps between greedy validation-accuracy checks (0: only at the end)."""
+    eval_problems: int = 200
+    """Validation problems per periodic check."""
+    final_eval: bool = True
+    """Evaluate greedy and sampled (T=1) accuracy on the full test split at the end."""
+    threads: int = 2
+    """torch CPU threads."""
+    shuffle_buffer: int = 4096
+    """Examples held in the shuffle buffer of the training stream."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_problems < 1:
+            raise ValueError("warmup_steps and eval_every must be >= 0, eval_problems >= 1")
+
+
+class SolvedStream:
+    """(prompt, response) pairs from the train stream, solved in a background thread, shuffled in a buffer.
+
+    The producer is a single thread writing in generation order and the shuffle uses its own
+    seeded RNG, so the sequence of examples is deterministic for a seed.
+    """
+
+    def __init__(self, splits: CountdownSplits, seed: int, buffer: int = 4096) -> None:
+        self._q: queue.Queue[tuple[str, str]] = queue.Queue(maxsize=8192)
+        self._stop = threading.Event()
+        self._rng = random.Random(seed)
+        self._buffer: list[tuple[str, str]] = []
+        self._size = buffer
+        stream = splits.train_stream(seed=seed, targets_per_draw=4)
+        self._thread = threading.Thread(target=self._produce, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _produce(self, stream) -> None:
+        for p in stream:
+            if self._stop.is_set():
+                return
+            item = (make_prompt(p), format_answer(solve(p.numbers, p.target)))
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+
+    def take(self, n: int) -> list[tuple[str, str]]:
+        out = []
+        while len(out) < n:
+            while len(self._buffer) < self._size:
+                self._buffer.append(self._q.get())
+            j = self._rng.randrange(len(self._buffer))
+            self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
+            out.append(self._buffer.pop())
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def collate(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids/attention_mask and labels (-100 outside response + eos)."""
+    seqs, labels = [], []
+    for prompt, response in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(p + r)
+        labels.append([-100] * len(p) + r)
+    n = max(map(len, seqs))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
+    am = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
+    lab = torch.tensor([x + [-100] * (n - len(x)) for x in labels])
+    return {"input_ids": ids, "attention_mask": am, "labels": lab}
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pretrain(cfg: PretrainConfig, splits: CountdownSplits | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run pretraining; returns the metrics written to ``out_dir/pretrain.json``."""
+    torch.set_num_threads(cfg.threads)
+    splits = splits or CountdownSplits()
+    tok = build_char_tokenizer()
+    model = build_model(cfg.preset, len(tok), seed=cfg.seed, pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id)  # fmt: skip
+    total, active = count_parameters(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    stream = SolvedStream(splits, cfg.seed, buffer=cfg.shuffle_buffer)
+    val = splits.validation[: cfg.eval_problems]
+    history: list[dict[str, float]] = []
+    t0, tokens = time.time(), 0
+    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
+    last_acc = float("nan")
+    try:
+        for step in bar:
+            batch = collate(tok, stream.take(cfg.batch_size))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            model.train()
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            tokens += int(batch["attention_mask"].sum())
+            rec = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "lr": lr_at(step, cfg),
+                "tokens_per_s": tokens / (time.time() - t0),
+            }
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                last_acc = evaluate(model, tok, val, greedy=True).accuracy
+                rec["val_greedy_acc"] = last_acc
+            history.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", val_acc=f"{last_acc:.1%}", tok_s=f"{rec['tokens_per_s']:.0f}")
+    finally:
+        stream.close()
+    train_s = time.time() - t0
+    result: dict[str, Any] = {
+        "config": to_dict(cfg), "command": " ".join(sys.argv), "params_total": total, "params_active": active,
+        "train_seconds": round(train_s, 1), "tokens": tokens, "final_loss": history[-1]["loss"],
+    }  # fmt: skip
+    if cfg.final_eval:
+        greedy = evaluate(model, tok, splits.test, greedy=True, progress=progress)
+        sampled = evaluate(model, tok, splits.test, greedy=False, temperature=1.0, seed=cfg.seed, progress=progress)
+        result.update(
+            test_greedy_acc=greedy.accuracy,
+            test_sampled_acc=sampled.accuracy,
+            test_greedy_by_count=_by_count(greedy.records),
+            test_sampled_by_count=_by_count(sampled.records),
+        )
+    save_checkpoint(model, tok, Path(cfg.out_dir), {**result, "history": history}, cfg)
+    return result
+
+
+def _by_count(records: list[dict]) -> dict[str, float]:
+    out = {}
+    for n in sorted({len(r["numbers"]) for r in records}):
+        sub = [r for r in records if len(r["numbers"]) == n]
+        out[str(n)] = sum(r["reason"] == "correct" for r in sub) / len(sub)
+    return out
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, info: dict[str, Any], cfg: PretrainConfig) -> None:
+    """Write model (safetensors), tokenizer, config and pretrain.json atomically (tmp dir, then rename)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_config(cfg, tmp / "pretrain_config.yaml")
+    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def problems_of(records: list[dict]) -> list[Problem]:
+    return [Problem(tuple(r["numbers"]), r["target"]) for r in records]

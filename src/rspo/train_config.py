@@ -1,0 +1,199 @@
+"""Typed configuration of ``rspo train`` (YAML presets in ``configs/``, dotted overrides on the command line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rspo.objectives import get_objective, list_objectives
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "rspo"
+    """Registered objective: grpo | gspo | gspo_token | gmpo | rspo."""
+    clip_low: float | None = None
+    """Lower clip (ratio space for grpo/gspo, log space for gmpo/rspo); None = the objective's default."""
+    clip_high: float | None = None
+    """Upper clip; None = the objective's default (DAPO clip-higher: grpo with 0.28)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
+    """Token aggregation for grpo / gspo_token; None = default (seq-mean-token-mean). Error for others."""
+    norm_length: float | None = None
+    """Dr. GRPO's constant normaliser (with loss_agg=seq-mean-token-sum-norm); None = rollout.max_new_tokens."""
+
+    def __post_init__(self) -> None:
+        if self.name not in list_objectives():
+            raise ValueError(f"objective.name={self.name!r}; valid: {', '.join(list_objectives())}")
+        has_agg = "loss_agg" in get_objective(self.name).defaults
+        if not has_agg and (self.loss_agg is not None or self.norm_length is not None):
+            raise ValueError(f"objective.loss_agg / norm_length do not apply to {self.name!r}")
+
+
+@dataclass
+class RouterShiftConfig:
+    enabled: bool | None = None
+    """Weight tokens by gamma; None = on for rspo (required there), off otherwise (GRPO+RS / GSPO+RS: true)."""
+    expert_agg: Literal["log_mean", "mean_exp"] = "log_mean"
+    """Aggregation over the K old experts: paper Eq. 6 (log_mean) or the paper's snippet (mean_exp)."""
+    layer_agg: Literal["geo_mean", "product"] = "geo_mean"
+    """Aggregation over MoE layers: Eq. 6's geometric mean, or a product."""
+    gamma_min: float = 0.5
+    """Floor of gamma."""
+    placement: Literal["after_clip", "before_clip"] = "after_clip"
+    """Where gamma enters: after token clipping (paper text, snippet) or before (ACL abstract)."""
+    form: Literal["weight", "eq5_literal"] = "weight"
+    """rspo only: multiply by gamma for both advantage signs, or Eq. 5 read literally (gamma^sgn(A))."""
+    stop_gradient: bool = True
+    """False is the paper's collapsing ablation: gradients flow through gamma into the router."""
+    top_k: int | None = None
+    """K old experts per layer; None = the model's experts-per-token."""
+    prob: Literal["full", "topk_renorm"] = "full"
+    """Router probability: full softmax (sigmoid score) or renormalised over the old top-K."""
+    clip_threshold: float | None = None
+    """Report the share of tokens with gamma below this (the snippet's router_clip_mask)."""
+    clip_drop: bool = False
+    """Also drop tokens with gamma < clip_threshold from the loss."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gamma_min <= 1:
+            raise ValueError(f"router_shift.gamma_min must be in [0, 1], got {self.gamma_min}")
+        if self.clip_drop and self.clip_threshold is None:
+            raise ValueError("router_shift.clip_drop needs router_shift.clip_threshold")
+
+
+@dataclass
+class RoutingConfig:
+    control: Literal["none", "freeze", "replay_logits", "replay_indices"] = "none"
+    """Routing-control baseline: router freezing, routing replay (copy old logits / reuse old indices)."""
+    aux_loss_coef: float = 0.0
+    """Router load-balancing auxiliary loss coefficient (transformers' aux_loss); 0 = off."""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16
+    """Prompts per rollout batch."""
+    group_size: int = 8
+    """Responses per prompt (G); rollout batch = prompts_per_step * group_size."""
+    max_new_tokens: int = 32
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1 or self.group_size < 2 or self.max_new_tokens < 1:
+            raise ValueError("rollout.prompts_per_step >= 1, group_size >= 2 and max_new_tokens >= 1 required")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError("rollout.temperature must be > 0 and top_p in (0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """AdamW learning rate (constant after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup, in optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("optim.lr > 0, grad_clip >= 0, warmup_steps >= 0 required")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "base"
+    """Policy checkpoint directory, or 'base' for the Countdown base policy shipped with rspo."""
+    task: Literal["countdown"] = "countdown"
+    """Task."""
+    out_dir: str = "runs/train"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints, plots."""
+    seed: int = 0
+    """Seed of data order, sampling and mini-batch shuffling."""
+    steps: int = 100
+    """Rollout steps (each: one rollout batch, then its mini-batch updates)."""
+    mini_batch_size: int = 64
+    """Responses per optimizer step; rollout batch / mini_batch_size updates per step (the paper: 128/64)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    advantage: Literal["grpo", "dr_grpo"] = "grpo"
+    """Group-relative advantage: (r - mean) / std (grpo) or r - mean (Dr. GRPO)."""
+    drop_zero_spread: bool = False
+    """Leave groups whose rewards are all equal out of the loss (they carry no signal)."""
+    kl_coef: float = 0.0
+    """KL penalty to the initial (reference) policy, k3 estimator per token; 0 = off."""
+    eval_every: int = 10
+    """Steps between greedy validation-accuracy checks (0 = never)."""
+    eval_problems: int = 200
+    """Validation problems per check."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (the last step always writes one)."""
+    collapse_drop: float = 0.5
+    """Collapse: validation accuracy below (1 - collapse_drop) x its running best (with best >= 0.05)."""
+    max_bad_steps: int = 3
+    """Consecutive non-finite losses after which the run stops (the last good checkpoint stays)."""
+    threads: int = 2
+    """torch CPU threads."""
+    log_router: bool = True
+    """Capture router data for diagnostics (gamma, non-shifted ratio, load) even when the objective and the
+    routing control do not need it; false skips capture for such runs (e.g. to time plain GRPO)."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    router_shift: RouterShiftConfig = field(default_factory=RouterShiftConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        batch = self.rollout.prompts_per_step * self.rollout.group_size
+        if self.mini_batch_size < 1 or batch % self.mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size={self.mini_batch_size} must divide the rollout batch "
+                f"(rollout.prompts_per_step x rollout.group_size = {batch})"
+            )
+        if self.steps < 1 or self.ppo_epochs < 1 or self.threads < 1:
+            raise ValueError("steps, ppo_epochs and threads must be >= 1")
+        if not 0 < self.collapse_drop < 1:
+            raise ValueError(f"collapse_drop must be in (0, 1), got {self.collapse_drop}")
+        use = get_objective(self.objective.name).router_shift
+        if self.router_shift.enabled is None:
+            self.router_shift.enabled = use == "required"
+        if use == "required" and not self.router_shift.enabled:
+            raise ValueError(f"objective {self.objective.name!r} needs router_shift.enabled=true (use gmpo without it)")
+        if use == "none" and self.router_shift.enabled:
+            raise ValueError(f"objective {self.objective.name!r} cannot use router shift (use rspo for gmpo + RS)")
+        if self.router_shift.form != "weight" and self.objective.name != "rspo":
+            raise ValueError("router_shift.form applies to the rspo objective only")
+
+    @property
+    def needs_router_trace(self) -> bool:
+        return bool(self.router_shift.enabled) or self.routing.control.startswith("replay") or self.log_router
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.group_size // self.mini_batch_size * self.ppo_epochs
+
+    def objective_hparams(self) -> dict:
+        """The keyword hyperparameters passed to rspo.objectives.compute_policy_loss."""
+        o, rs = self.objective, self.router_shift
+        hp: dict = {}
+        for k in ("clip_low", "clip_high", "loss_agg"):
+            if getattr(o, k) is not None:
+                hp[k] = getattr(o, k)
+        if o.loss_agg == "seq-mean-token-sum-norm":
+            hp["norm_length"] = o.norm_length or float(self.rollout.max_new_tokens)
+        if rs.enabled:
+            hp.update(
+                router_shift_placement=rs.placement,
+                router_shift_grad=not rs.stop_gradient,
+                gamma_min=rs.gamma_min,
+                router_clip_threshold=rs.clip_threshold,
+                router_clip_drop=rs.clip_drop,
+            )
+            if self.objective.name == "rspo":
+                hp["router_shift_form"] = rs.form
+        return hp

@@ -1,0 +1,446 @@
+"""The RL loop: GRPO-family training of an MoE policy, readable top to bottom.
+
+One step of ``train``:
+  1. rollout    sample prompts; G responses each with the current policy (KV cache)
+  2. score      rewards from the task (a reward function that raises gives 0 and is counted)
+  3. advantage  group-relative (std-normalised, or Dr. GRPO's mean-only); zero-spread groups counted
+  4. old pass   one no-grad forward: old log-probs and the old router trace together
+  5. update     split the rollout batch into mini-batches, one optimizer step each, ppo_epochs
+                times; mini-batches after the first are off-policy (the paper's regime). One forward
+                gives log-probs, entropy and the current router log-probs at the old experts.
+  6. log        metrics.jsonl (+ TensorBoard if installed), periodic validation, collapse
+                detection, atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rspo.checkpoint import BASE_POLICY_DIR, load_policy
+from rspo.config import load_config, save_config, to_dict
+from rspo.evaluate import evaluate
+from rspo.objectives import compute_policy_loss, masked_mean
+from rspo.rollout import generate, score
+from rspo.routing import (
+    MoERouters,
+    RouterTrace,
+    non_shifted_ratio,
+    router_shift_ratio,
+    router_shift_ratio_with_grad,
+)
+from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
+from rspo.train_config import TrainConfig
+
+Tensor = torch.Tensor
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. repeated non-finite losses); the last good checkpoint is intact."""
+
+
+# ----------------------------------------------------------------------------------------
+# Batch containers
+# ----------------------------------------------------------------------------------------
+@dataclass
+class RolloutBatch:
+    """One rollout batch of B = prompts x G responses. Shapes in comments."""
+
+    problems: list[Problem]  # (B,) each prompt's problem repeated G times
+    sequences: Tensor  # (B, P + T) left-padded prompt, right-padded response
+    attention_mask: Tensor  # (B, P + T)
+    prompt_len: int  # P
+    response_mask: Tensor  # (B, T) 1 on response tokens incl. eos
+    texts: list[str]  # (B,)
+    rewards: Tensor = None  # (B,)
+    reasons: list[str] = field(default_factory=list)
+    advantages: Tensor = None  # (B,)
+    loss_mask: Tensor = None  # (B, T) response mask without dropped groups
+    old_log_probs: Tensor = None  # (B, T)
+    trace: RouterTrace | None = None  # (B, T, L, K) old router at response positions
+    full_trace: RouterTrace | None = None  # (B, P + T, L, k) for routing replay
+
+    @property
+    def resp(self) -> slice:
+        """Sequence positions whose logits score the response tokens."""
+        t = self.response_mask.shape[1]
+        return slice(self.prompt_len - 1, self.prompt_len - 1 + t)
+
+
+def token_log_probs(logits: Tensor, batch_seqs: Tensor, prompt_len: int) -> tuple[Tensor, Tensor]:
+    """Log-prob of each response token and the policy entropy there, both ``(B, T)``."""
+    t = batch_seqs.shape[1] - prompt_len
+    logits = logits[:, prompt_len - 1 : prompt_len - 1 + t].float()  # (B, T, V)
+    lsm = torch.log_softmax(logits, dim=-1)
+    logp = lsm.gather(-1, batch_seqs[:, prompt_len:, None]).squeeze(-1)  # (B, T)
+    entropy = -(lsm.exp() * lsm).sum(-1)  # (B, T)
+    return logp, entropy
+
+
+def group_advantages(rewards: Tensor, group_size: int, mode: str) -> tuple[Tensor, Tensor]:
+    """(advantages (B,), zero_spread (n_groups,) bool): r - mean, divided by the group std for 'grpo'."""
+    r = rewards.view(-1, group_size)  # (n_groups, G)
+    centered = r - r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True)  # unbiased, as GRPO / verl / TRL
+    zero = (r.max(1).values - r.min(1).values) == 0
+    adv = centered / (std + 1e-6) if mode == "grpo" else centered
+    return adv.reshape(-1), zero
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out_dir)
+        torch.set_num_threads(cfg.threads)
+        model_dir = BASE_POLICY_DIR if cfg.model == "base" else Path(cfg.model)
+        self.model, self.tok = load_policy(model_dir)
+        self.model.train()
+        self.routers = MoERouters(self.model, top_k=cfg.router_shift.top_k, prob=cfg.router_shift.prob)
+        if cfg.routing.control == "freeze":
+            self.routers.freeze()
+        self.ref_model = load_policy(model_dir)[0] if cfg.kl_coef > 0 else None
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                     weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))  # fmt: skip
+        self.splits = CountdownSplits()
+        self.reward = CountdownReward()
+        self.hparams = cfg.objective_hparams()
+        self.step, self.data_pos, self.opt_steps = 0, 0, 0
+        self.best_val, self.collapse_step, self.bad_steps = -1.0, None, 0
+        if resume:
+            self._load_checkpoint()
+        else:
+            if (self.out / "metrics.jsonl").exists():
+                raise FileExistsError(f"{self.out} already holds a run; use --resume or another out_dir")
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.stream = self.splits.train_stream(seed=cfg.seed)
+        for _ in range(self.data_pos):  # the data position survives restarts
+            next(self.stream)
+        self.tb = _tensorboard(self.out)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.step == 0 and cfg.eval_every:
+            self._log({"step": 0, **self._validate()})
+        bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=f"train {cfg.objective.name}",
+                   disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        for _ in bar:
+            t0 = time.time()
+            batch = self.rollout()  # 1
+            t1 = time.time()
+            self.score_and_advantages(batch)  # 2, 3
+            t2 = time.time()
+            self.old_pass(batch)  # 4
+            t3 = time.time()
+            stats = self.update(batch)  # 5
+            t4 = time.time()
+            self.step += 1
+            n_tok = int(batch.response_mask.sum())
+            rec = {"step": self.step, **self._rollout_metrics(batch), **stats,
+                   "time/generate": t1 - t0, "time/score": t2 - t1, "time/old_pass": t3 - t2, "time/update": t4 - t3,
+                   "perf/tokens_per_s": n_tok / (t4 - t0)}  # fmt: skip
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                rec.update(self._validate())
+            self._log(rec)  # 6
+            bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", val_acc=f"{self.last_val:.1%}",
+                            gamma=f"{rec.get('router/gamma_mean', float('nan')):.3f}")  # fmt: skip
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        return self.summary()
+
+    # ------------------------------------------------------------------ 1. rollout
+    def rollout(self) -> RolloutBatch:
+        r = self.cfg.rollout
+        prompts_p = [next(self.stream) for _ in range(r.prompts_per_step)]
+        self.data_pos += r.prompts_per_step
+        problems = [p for p in prompts_p for _ in range(r.group_size)]
+        gen = generate(self.model, self.tok, [make_prompt(p) for p in problems], max_new_tokens=r.max_new_tokens,
+                       greedy=False, temperature=r.temperature, top_p=r.top_p,
+                       generator_seed=_seed(self.cfg.seed, self.step, "sample"))  # fmt: skip
+        self.model.train()
+        return RolloutBatch(problems, gen.sequences, gen.attention_mask, gen.prompt_len,
+                            gen.response_mask.float(), gen.texts)  # fmt: skip
+
+    # ------------------------------------------------------------------ 2-3. rewards, advantages
+    def score_and_advantages(self, b: RolloutBatch) -> None:
+        rewards, b.reasons = score(b.texts, b.problems, self.reward)
+        b.rewards = torch.tensor(rewards)
+        b.advantages, zero = group_advantages(b.rewards, self.cfg.rollout.group_size, self.cfg.advantage)
+        self._zero_spread = float(zero.float().mean())
+        keep = torch.ones_like(b.rewards)
+        if self.cfg.drop_zero_spread:
+            keep = (~zero).float().repeat_interleave(self.cfg.rollout.group_size)
+        b.loss_mask = b.response_mask * keep[:, None]
+
+    # ------------------------------------------------------------------ 4. old pass
+    @torch.no_grad()
+    def old_pass(self, b: RolloutBatch) -> None:
+        """Old log-probs and router trace, in the mini-batch grouping of the first update epoch.
+
+        Same rows, same order, same model: the first mini-batch's ratios and gamma are exactly 1.
+        """
+        replay = self.cfg.routing.control in ("replay_logits", "replay_indices")
+        self._order = torch.randperm(len(b.texts), generator=torch.Generator().manual_seed(
+            _seed(self.cfg.seed, self.step, "order")))  # fmt: skip
+        logps, traces = [], []
+        for mb in self._order.split(self.cfg.mini_batch_size):
+            with contextlib.ExitStack() as stack:
+                rec = None
+                if self.cfg.needs_router_trace:
+                    rec = stack.enter_context(
+                        self.routers.capture(positions=None if replay else b.resp, weights=replay)
+                    )
+                logits = self.model(input_ids=b.sequences[mb], attention_mask=b.attention_mask[mb]).logits
+            logps.append(token_log_probs(logits, b.sequences[mb], b.prompt_len)[0])
+            if rec is not None:
+                traces.append(rec.trace)
+        inv = torch.argsort(self._order)  # back to rollout order
+        b.old_log_probs = torch.cat(logps)[inv]
+        if traces:
+            full = RouterTrace(
+                torch.cat([t.topk_idx for t in traces])[inv],
+                torch.cat([t.logp for t in traces])[inv],
+                None if traces[0].weights is None else torch.cat([t.weights for t in traces])[inv],
+            )
+            b.full_trace = full if replay else None
+            b.trace = full.positions(b.resp) if replay else full
+        if self.ref_model is not None:
+            ref_logits = self.ref_model(input_ids=b.sequences, attention_mask=b.attention_mask).logits
+            self._ref_logp = token_log_probs(ref_logits, b.sequences, b.prompt_len)[0]
+
+    # ------------------------------------------------------------------ 5. update
+    def update(self, b: RolloutBatch) -> dict[str, float]:
+        cfg, rs = self.cfg, self.cfg.router_shift
+        per_update: list[dict[str, float]] = []
+        for epoch in range(cfg.ppo_epochs):
+            order = self._order if epoch == 0 else torch.randperm(len(b.texts), generator=torch.Generator().manual_seed(
+                _seed(cfg.seed, self.step, f"order{epoch}")))  # fmt: skip
+            for mb in order.split(cfg.mini_batch_size):
+                with contextlib.ExitStack() as stack:
+                    if b.full_trace is not None:
+                        mode = "logits" if cfg.routing.control == "replay_logits" else "indices"
+                        stack.enter_context(self.routers.replay(b.full_trace[mb], mode=mode))
+                    cur = None
+                    if b.trace is not None:
+                        cur = stack.enter_context(self.routers.gather(b.trace[mb], positions=b.resp,
+                                                                      keep_grad=not rs.stop_gradient))  # fmt: skip
+                    out = self.model(input_ids=b.sequences[mb], attention_mask=b.attention_mask[mb],
+                                     output_router_logits=cfg.routing.aux_loss_coef > 0)  # fmt: skip
+                logp, entropy = token_log_probs(out.logits, b.sequences[mb], b.prompt_len)  # (m, T)
+                gamma = None
+                if cur is not None:
+                    shift_fn = router_shift_ratio if rs.stop_gradient else router_shift_ratio_with_grad
+                    gamma = shift_fn(b.trace[mb].logp, cur.trace.logp, expert_agg=rs.expert_agg,
+                                     layer_agg=rs.layer_agg, gamma_min=rs.gamma_min)  # (m, T)  # fmt: skip
+                mask = b.loss_mask[mb]
+                loss, m = compute_policy_loss(cfg.objective.name, logp, b.old_log_probs[mb], b.advantages[mb], mask,
+                                              router_shift=gamma if rs.enabled else None, **self.hparams)  # fmt: skip
+                if self.ref_model is not None:
+                    d = self._ref_logp[mb] - logp
+                    kl = masked_mean(torch.exp(d) - d - 1, mask)
+                    loss = loss + cfg.kl_coef * kl
+                    m["kl/ref"] = float(kl.detach())
+                if cfg.routing.aux_loss_coef > 0:
+                    loss = loss + cfg.routing.aux_loss_coef * out.aux_loss
+                    m["router/aux_loss"] = float(out.aux_loss.detach())
+                if cur is not None:
+                    m.update(self._router_metrics(b.trace[mb], cur.trace, gamma.detach(), b.response_mask[mb]))
+                m["entropy/mean"] = float(masked_mean(entropy.detach(), b.response_mask[mb]))
+                m["train/nonfinite_loss"] = 0.0
+                if not torch.isfinite(loss):
+                    self.bad_steps += 1
+                    m["train/nonfinite_loss"] = 1.0
+                    tqdm.write(f"step {self.step + 1}: non-finite loss ({loss.item()}), optimizer step skipped "
+                               f"({self.bad_steps}/{cfg.max_bad_steps} in a row)")  # fmt: skip
+                    if self.bad_steps >= cfg.max_bad_steps:
+                        raise TrainingError(
+                            f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}; stopping. The last "
+                            f"good checkpoint is {self.out / 'checkpoint'} (step {self._ckpt_step()})"
+                        )
+                    self.opt.zero_grad(set_to_none=True)
+                    per_update.append(m)
+                    continue
+                self.bad_steps = 0
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                gn = torch.nn.utils.clip_grad_norm_(
+                    params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+                )
+                m["grad/norm"] = float(gn)
+                for g in self.opt.param_groups:
+                    g["lr"] = cfg.optim.lr * min(1.0, (self.opt_steps + 1) / max(1, cfg.optim.warmup_steps))
+                self.opt.step()
+                self.opt_steps += 1
+                per_update.append(m)
+        return _mean_metrics(per_update)
+
+    def _router_metrics(self, old: RouterTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor) -> dict[str, float]:
+        sel = mask > 0
+        g = gamma[sel]
+        idx = cur.topk_idx.long()[sel]  # (n, L, K) current experts
+        loads = torch.stack([torch.bincount(idx[:, layer].reshape(-1), minlength=self.routers.num_experts)
+                             for layer in range(idx.shape[1])]).float()  # (L, E)  # fmt: skip
+        share = loads / loads.sum(1, keepdim=True).clamp(min=1)
+        return {
+            "router/gamma_mean": float(g.mean()), "router/gamma_p10": float(torch.quantile(g.double(), 0.1)),
+            "router/gamma_min": float(g.min()),
+            "router/gamma_at_floor": float((g <= self.cfg.router_shift.gamma_min).float().mean()),
+            "router/non_shifted_ratio": non_shifted_ratio(old.topk_idx, cur.topk_idx, mask),
+            "router/load_max_ratio": float((share.max(1).values * self.routers.num_experts).mean()),
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ 6. metrics, validation, checkpoints
+    def _rollout_metrics(self, b: RolloutBatch) -> dict[str, float]:
+        lengths = b.response_mask.sum(1)
+        return {
+            "reward/mean": float(b.rewards.mean()), "reward/std": float(b.rewards.std()),
+            "reward/accuracy": sum(r == "correct" for r in b.reasons) / len(b.reasons),
+            "reward/errors": float(sum(r == "reward_error" for r in b.reasons)),
+            "reward/zero_spread_groups": self._zero_spread,
+            "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+        }  # fmt: skip
+
+    last_val = float("nan")
+
+    def _validate(self) -> dict[str, float]:
+        val = self.splits.validation[: self.cfg.eval_problems]
+        acc = evaluate(self.model, self.tok, val, greedy=True).accuracy
+        self.model.train()
+        self.last_val = acc
+        self.best_val = max(self.best_val, acc)
+        rec = {"val/accuracy": acc, "val/best": self.best_val, "val/collapsed": 0.0}
+        if self.best_val >= 0.05 and acc < (1 - self.cfg.collapse_drop) * self.best_val:
+            rec["val/collapsed"] = 1.0
+            if self.collapse_step is None:
+                self.collapse_step = self.step
+                tqdm.write(f"COLLAPSE at step {self.step}: validation accuracy {acc:.1%} is below "
+                           f"{1 - self.cfg.collapse_drop:.0%} of its best {self.best_val:.1%}")  # fmt: skip
+        return rec
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": self.step, "best_val": self.best_val, "last_val": self.last_val,
+                "collapse_step": self.collapse_step, "out_dir": str(self.out)}  # fmt: skip
+
+    def _ckpt_step(self) -> int | None:
+        f = self.out / "checkpoint" / "trainer_state.json"
+        return json.loads(f.read_text())["step"] if f.is_file() else None
+
+    def save_checkpoint(self) -> None:
+        """Model, optimizer, RNG states, step and data position; written to a temp dir, then swapped in."""
+        tmp, final, old = (self.out / n for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp)
+        self.tok.save_pretrained(tmp)
+        torch.save({"optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate()}, tmp / "trainer.pt")  # fmt: skip
+        state = {"step": self.step, "data_pos": self.data_pos, "opt_steps": self.opt_steps,
+                 "best_val": self.best_val, "last_val": self.last_val, "collapse_step": self.collapse_step,
+                 "bad_steps": self.bad_steps}  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self) -> None:
+        ckpt = self.out / "checkpoint"
+        if not (ckpt / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"no checkpoint to resume in {self.out} (expected {ckpt}/trainer_state.json)")
+        self.model, self.tok = load_policy(ckpt)
+        self.model.train()
+        self.routers = MoERouters(self.model, top_k=self.cfg.router_shift.top_k, prob=self.cfg.router_shift.prob)
+        if self.cfg.routing.control == "freeze":
+            self.routers.freeze()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.optim.lr,
+                                     weight_decay=self.cfg.optim.weight_decay, betas=(0.9, 0.99))  # fmt: skip
+        try:
+            extra = torch.load(ckpt / "trainer.pt", weights_only=False)
+            self.opt.load_state_dict(extra["optimizer"])
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+        except Exception as e:
+            raise ValueError(f"checkpoint {ckpt} is corrupt or incomplete: {e}") from e
+        torch.set_rng_state(extra["torch_rng"])
+        random.setstate(extra["python_rng"])
+        self.step, self.data_pos, self.opt_steps = state["step"], state["data_pos"], state["opt_steps"]
+        self.best_val, self.last_val = state["best_val"], state["last_val"]
+        self.collapse_step, self.bad_steps = state["collapse_step"], state["bad_steps"]
+        # metrics written after the checkpoint belong to the lost steps: drop them
+        mfile = self.out / "metrics.jsonl"
+        lines = mfile.read_text().splitlines() if mfile.exists() else []
+        mfile.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= self.step))
+
+
+def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over the step's updates, plus the off-policy updates' (all but the first) router-drift signals."""
+    keys = {k for m in items for k in m}
+    out = {k: sum(m[k] for m in items if k in m) / sum(k in m for m in items) for k in keys}
+    out["train/nonfinite_loss"] = sum(m.get("train/nonfinite_loss", 0.0) for m in items)
+    if len(items) > 1:
+        for k in ("ratio/std", "ratio/max", "clip_ratio/region_mean", "router/gamma_mean", "router/non_shifted_ratio",
+                  "kl/approx"):  # fmt: skip
+            vals = [m[k] for m in items[1:] if k in m]
+            if vals:
+                out[f"offpolicy/{k.replace('/', '_')}"] = sum(vals) / len(vals)
+    return out
+
+
+def _seed(seed: int, step: int, what: str) -> int:
+    return random.Random(f"{seed}/{step}/{what}").randrange(2**31)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    return Trainer(cfg, progress=progress).train()
+
+
+def resume(run_dir: str | Path, progress: bool = True, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last checkpoint (its saved config, optionally with overrides)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(TrainConfig, run_dir / "config.yaml", overrides or [])
+    if Path(cfg.out_dir).resolve() != run_dir.resolve():
+        cfg.out_dir = str(run_dir)
+    return Trainer(cfg, resume=True, progress=progress).train()
+
+
+__all__ = [
+    "RolloutBatch",
+    "Trainer",
+    "TrainingError",
+    "group_advantages",
+    "resume",
+    "to_dict",
+    "token_log_probs",
+    "train",
+]
