@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements-outside.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rspo objectives
+	$(VENV)/bin/rspo demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

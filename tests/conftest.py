@@ -41,3 +41,15 @@ def tiny_moe_and_tokenizer():
         bos_token_id=tok.eos_token_id,
     )
     return Qwen3MoeForCausalLM(cfg), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> str:
+    """A tiny Qwen3-MoE pretrained a few seconds on Countdown: it writes answer tags, so rewards vary."""
+    from rspo.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("policy") / "tiny"
+    pretrain(PretrainConfig(preset="tiny-qwen3-moe", out_dir=str(out), steps=80, batch_size=32, lr=3e-3,
+                            warmup_steps=10, eval_every=0, final_eval=False, shuffle_buffer=64, threads=1),
+             progress=False)  # fmt: skip
+    return str(out)

@@ -22,18 +22,6 @@ from rspo.trainer import Trainer, TrainingError, token_log_probs
 TIMING = ("time/", "perf/")
 
 
-@pytest.fixture(scope="session")
-def tiny_policy(tmp_path_factory) -> str:
-    """A tiny Qwen3-MoE pretrained a few seconds on Countdown: it writes answer tags, so rewards vary."""
-    from rspo.pretrain import PretrainConfig, pretrain
-
-    out = tmp_path_factory.mktemp("policy") / "tiny"
-    pretrain(PretrainConfig(preset="tiny-qwen3-moe", out_dir=str(out), steps=80, batch_size=32, lr=3e-3,
-                            warmup_steps=10, eval_every=0, final_eval=False, shuffle_buffer=64, threads=1),
-             progress=False)  # fmt: skip
-    return str(out)
-
-
 def tiny_cfg(policy: str, out: Path, **over) -> TrainConfig:
     data = {"model": policy, "out_dir": str(out), "steps": 2, "mini_batch_size": 8, "eval_every": 0, "threads": 1,
             "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 14},

@@ -168,6 +168,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out_dir, args.config, args.args)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from rspo.config import load_config
+    from rspo.study import StudyConfig, run_study, write_report
+
+    path, overrides = _config_and_overrides(args.args)
+    cfg = load_config(StudyConfig, path, overrides)
+    status = run_study(cfg)
+    failed = {k: v for k, v in status.items() if v.startswith("failed")}
+    report = write_report(cfg.out_dir, command=f"rspo study {' '.join(args.args)}")
+    print(f"{len(status) - len(failed)} runs done, {len(failed)} failed; report: {report}")
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rspo.study import write_report
+
+    print(f"wrote {write_report(args.study_dir, command=args.command_line)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rspo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", help="run directories")
     pl.add_argument("--out", default=None, help="PNG path (default: FIRST_RUN/curves.png)")
     pl.set_defaults(func=cmd_plot)
+    ps = sub.add_parser("study", help="a resumable grid of train runs (arm x seed), then its report")
+    ps.add_argument("args", nargs="+", help="STUDY.yaml then overrides, e.g. parallel=2 seeds=[0,1]")
+    ps.set_defaults(func=cmd_study)
+    pr = sub.add_parser("report", help="report.md and PNG figures of a study directory")
+    pr.add_argument("study_dir")
+    pr.add_argument("--command-line", default=None, help="the study command to record in the report")
+    pr.set_defaults(func=cmd_report)
     pd = sub.add_parser("demo", help="RSPO on Countdown from the shipped base policy, with a before/after table")
     pd.add_argument("--out-dir", default="runs/demo")
     pd.add_argument("--config", default=None, help="train config (default: configs/demo.yaml)")

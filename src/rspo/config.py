@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -114,7 +115,7 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides to a nested mapping (a copy)."""
-    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    out = copy.deepcopy(data) or {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like field.path=value")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -23,13 +24,13 @@ def _default_config() -> Path:
     raise FileNotFoundError("configs/demo.yaml not found (run from the repository root or pass --config)")
 
 
-def run_demo(out_dir: str, config: str | None, overrides: list[str]) -> int:
+def run_demo(out_dir: str, config: str | None, overrides: list[str], eval_limit: int | None = None) -> int:
     t0 = time.time()
     cfg = load_config(TrainConfig, config or _default_config(), [*overrides, f"out_dir={out_dir}"])
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)  # the demo always starts fresh
-    test = CountdownSplits().test
+    test = CountdownSplits().test[:eval_limit]
     base_model, tok = load_policy(BASE_POLICY_DIR if cfg.model == "base" else cfg.model)
     print(
         f"base policy: {BASE_POLICY_DIR if cfg.model == 'base' else cfg.model}; evaluating on {len(test)} test problems"
@@ -48,10 +49,14 @@ def run_demo(out_dir: str, config: str | None, overrides: list[str]) -> int:
     rows = [("greedy accuracy", before[0].accuracy, after[0].accuracy),
             ("sampled accuracy (T=1)", before[1].accuracy, after[1].accuracy),
             ("mean reward (greedy)", before[0].mean_reward, after[0].mean_reward)]  # fmt: skip
-    print(f"\nCountdown test split ({len(test)} problems)   before      after")
+    n = len(test)
+    print(f"\nCountdown test split ({n} problems)   before      after   (+- one standard error)")
     for name, a, b in rows:
-        fmt = "{:>10.3f}" if "reward" in name else "{:>10.1%}"
-        print(f"  {name:32s}{fmt.format(a)} {fmt.format(b)}")
+        if "reward" in name:
+            print(f"  {name:32s}{a:>10.3f} {b:>10.3f}")
+        else:
+            se_a, se_b = (math.sqrt(x * (1 - x) / max(n, 1)) for x in (a, b))
+            print(f"  {name:32s}{a:>10.1%} {b:>10.1%}   (+-{se_a:.1%} / +-{se_b:.1%})")
     collapse = "none" if summary["collapse_step"] is None else f"at step {summary['collapse_step']}"
     print(f"\ncollapse: {collapse}; total time {(time.time() - t0) / 60:.1f} min")
     print(f"plots: {png}\nmetrics: {out / 'metrics.jsonl'}\nresponses: {out}/test-before.jsonl, test-after.jsonl")

@@ -90,6 +90,18 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardConfig:
+    score_correct: float = 1.0
+    """Reward of a correct answer."""
+    score_format: float = 0.1
+    """Well-formed but wrong answer (TinyZero's format score)."""
+    score_no_answer: float = 0.0
+    """No <answer> tag."""
+    score_unparsable: float = 0.0
+    """A tag whose content is not an expression (TinyZero gives its format score here)."""
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     """AdamW learning rate (constant after warmup)."""
@@ -142,10 +154,15 @@ class TrainConfig:
     log_router: bool = True
     """Capture router data for diagnostics (gamma, non-shifted ratio, load) even when the objective and the
     routing control do not need it; false skips capture for such runs (e.g. to time plain GRPO)."""
+    log_grad_variance: bool = False
+    """Log grad/minibatch_var: the variance across a step's mini-batches of the (unclipped) policy gradient,
+    summed over parameters, and grad/minibatch_cos between consecutive mini-batch gradients (the
+    variance the paper says RSPO reduces). Costs one flattened gradient copy per update."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     router_shift: RouterShiftConfig = field(default_factory=RouterShiftConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:

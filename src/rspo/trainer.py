@@ -15,6 +15,7 @@ One step of ``train``:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -115,7 +116,7 @@ class Trainer:
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                      weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))  # fmt: skip
         self.splits = CountdownSplits()
-        self.reward = CountdownReward()
+        self.reward = CountdownReward(**to_dict(cfg.reward))
         self.hparams = cfg.objective_hparams()
         self.step, self.data_pos, self.opt_steps = 0, 0, 0
         self.best_val, self.collapse_step, self.bad_steps = -1.0, None, 0
@@ -226,6 +227,7 @@ class Trainer:
     def update(self, b: RolloutBatch) -> dict[str, float]:
         cfg, rs = self.cfg, self.cfg.router_shift
         per_update: list[dict[str, float]] = []
+        grads: list[Tensor] = []  # flattened gradients of this step's updates (log_grad_variance)
         for epoch in range(cfg.ppo_epochs):
             order = self._order if epoch == 0 else torch.randperm(len(b.texts), generator=torch.Generator().manual_seed(
                 _seed(cfg.seed, self.step, f"order{epoch}")))  # fmt: skip
@@ -278,6 +280,9 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 params = [p for p in self.model.parameters() if p.requires_grad]
+                if cfg.log_grad_variance:
+                    grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                            for p in params]).clone())  # fmt: skip
                 gn = torch.nn.utils.clip_grad_norm_(
                     params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
                 )
@@ -287,7 +292,13 @@ class Trainer:
                 self.opt.step()
                 self.opt_steps += 1
                 per_update.append(m)
-        return _mean_metrics(per_update)
+        out = _mean_metrics(per_update)
+        if len(grads) > 1:
+            g = torch.stack(grads)  # (updates, n_params)
+            out["grad/minibatch_var"] = float(g.var(0, correction=1).sum())
+            cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.pairwise(grads)]
+            out["grad/minibatch_cos"] = sum(cos) / len(cos)
+        return out
 
     def _router_metrics(self, old: RouterTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor) -> dict[str, float]:
         sel = mask > 0

@@ -1,0 +1,288 @@
+"""``rspo study``: a resumable grid of ``rspo train`` runs (arm x seed); ``rspo report``: report.md and figures.
+
+    rspo study configs/study-countdown.yaml           # finished runs are skipped, interrupted ones resume
+    rspo report runs/study-countdown                   # report.md + PNG figures in the study directory
+
+Each run is a subprocess (``python -m rspo.cli train ...``) with one torch thread; up to
+``parallel`` run at once. A finished run has ``done.json``; one with a checkpoint and no
+``done.json`` is resumed with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rspo.config import load_config, save_config
+
+
+@dataclass
+class StudyConfig:
+    base_config: str = "configs/demo.yaml"
+    """Train config (YAML) every run starts from."""
+    out_dir: str = "runs/study"
+    """Study directory: one sub-directory per arm, one per seed inside."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of every arm."""
+    common: list[str] = field(default_factory=list)
+    """Overrides applied to every run (dotted field=value)."""
+    arms: dict[str, list[str]] = field(default_factory=dict)
+    """Arm name -> overrides (e.g. rspo: [objective.name=rspo])."""
+    parallel: int = 2
+    """Runs at once (default: the number of cores), one torch thread each."""
+    accuracy_levels: list[float] = field(default_factory=lambda: [0.35, 0.40])
+    """Validation accuracies for the steps-to-reach column of the report."""
+    collapse_drop: float = 0.5
+    """Collapse rule for the report: final validation accuracy below (1 - collapse_drop) x the best."""
+
+    def __post_init__(self) -> None:
+        if not self.arms:
+            raise ValueError("study.arms is empty")
+        if not self.seeds or self.parallel < 1:
+            raise ValueError("study.seeds must be non-empty and parallel >= 1")
+        bad = [a for a in self.arms if not a.replace("-", "").replace("_", "").isalnum()]
+        if bad:
+            raise ValueError(f"arm names must be letters, digits, - and _: {bad}")
+
+
+def run_dirs(cfg: StudyConfig) -> list[tuple[str, int, Path]]:
+    return [(arm, seed, Path(cfg.out_dir) / arm / f"seed{seed}") for arm in cfg.arms for seed in cfg.seeds]
+
+
+def _steps_logged(run: Path) -> int:
+    f = run / "metrics.jsonl"
+    if not f.exists():
+        return 0
+    lines = f.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) the grid; returns {run_dir: status}."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "study.yaml")
+    from rspo.train_config import TrainConfig
+
+    todo, status = [], {}
+    total_steps = 0
+    for arm, seed, run in run_dirs(cfg):
+        overrides = [*cfg.common, *cfg.arms[arm], f"seed={seed}", f"out_dir={run}", "threads=1"]
+        steps = load_config(TrainConfig, cfg.base_config, overrides).steps  # validates every run's config now
+        total_steps += steps
+        if (run / "done.json").exists():
+            status[str(run)] = "done (skipped)"
+            continue
+        if (run / "checkpoint" / "trainer_state.json").exists():
+            cmd = [sys.executable, "-m", "rspo.cli", "train", "--resume", str(run)]
+        else:
+            if run.exists():  # interrupted before its first checkpoint: start again
+                import shutil
+
+                shutil.rmtree(run)
+            cmd = [sys.executable, "-m", "rspo.cli", "train", cfg.base_config, *overrides]
+        todo.append((run, cmd, steps))
+    bar = tqdm(total=total_steps, desc=f"study ({len(todo)} runs to go)", disable=not progress, unit="step")
+    running: list[tuple[Path, subprocess.Popen, int]] = []
+    done_steps = {str(r): _steps_logged(r) for _, _, r in run_dirs(cfg)}
+    bar.update(sum(done_steps.values()))
+    while todo or running:
+        while todo and len(running) < cfg.parallel:
+            run, cmd, steps = todo.pop(0)
+            run.parent.mkdir(parents=True, exist_ok=True)
+            log = (run.parent / f"{run.name}.log").open("w")
+            running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), steps))
+        time.sleep(1.0)
+        for item in list(running):
+            run, proc, steps = item
+            now = _steps_logged(run)
+            bar.update(now - done_steps[str(run)])
+            done_steps[str(run)] = now
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode == 0:
+                    (run / "done.json").write_text(json.dumps({"steps": now}))
+                    status[str(run)] = "done"
+                else:
+                    status[str(run)] = f"failed (exit {proc.returncode}; see {run.parent / (run.name + '.log')})"
+                    tqdm.write(f"run {run} failed: {status[str(run)]}")
+    bar.close()
+    return status
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------
+CURVES = [
+    ("reward/mean", "reward (mean, smoothed over 10 steps)", 10),
+    ("val/accuracy", "validation accuracy (greedy)", 1),
+    ("clip_ratio/region_mean", "clip fraction (active clip)", 10),
+    ("offpolicy/ratio_std", "importance-ratio std (off-policy updates)", 10),
+    ("offpolicy/ratio_max", "importance-ratio max (off-policy updates)", 10),
+    ("offpolicy/router_gamma_mean", "gamma mean (off-policy updates)", 10),
+    ("router/gamma_p10", "gamma p10", 10),
+    ("offpolicy/router_non_shifted_ratio", "non-shifted routing ratio (off-policy)", 10),
+    ("entropy/mean", "token entropy", 10),
+    ("grad/norm", "gradient norm", 10),
+    ("grad/minibatch_var", "gradient variance across mini-batches", 10),
+]
+
+
+def _load(run: Path) -> list[dict]:
+    f = run / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+
+
+def _series(rows: list[dict], key: str, smooth: int) -> dict[int, float]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    out = {}
+    for i, (s, _) in enumerate(pts):
+        window = [v for _, v in pts[max(0, i - smooth + 1) : i + 1]]
+        out[s] = sum(window) / len(window)
+    return out
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarize(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
+    """Per arm: final/best validation accuracy over seeds, collapses, steps to reach, clip fraction, ratio std."""
+    table: dict[str, dict[str, Any]] = {}
+    for arm in cfg.arms:
+        per_seed = []
+        for seed in cfg.seeds:
+            rows = _load(Path(cfg.out_dir) / arm / f"seed{seed}")
+            val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+            if not val:
+                continue
+            best = max(v for _, v in val)
+            final = val[-1][1]
+            reach = {lvl: next((s for s, v in val if v >= lvl), None) for lvl in cfg.accuracy_levels}
+            upd = [r for r in rows if "clip_ratio/region_mean" in r]
+
+            def avg(key, rows=upd):
+                vals = [r[key] for r in rows if key in r]
+                return sum(vals) / len(vals) if vals else float("nan")
+
+            per_seed.append({
+                "final": final, "best": best, "collapsed": best >= 0.05 and final < (1 - cfg.collapse_drop) * best,
+                "reach": reach, "clip": avg("clip_ratio/region_mean"), "ratio_std": avg("offpolicy/ratio_std"),
+                "gamma": avg("offpolicy/router_gamma_mean"), "nsr": avg("offpolicy/router_non_shifted_ratio"),
+                "gvar": avg("grad/minibatch_var"), "steps": rows[-1]["step"] if rows else 0,
+            })  # fmt: skip
+        if not per_seed:
+            continue
+        table[arm] = {
+            "seeds": len(per_seed),
+            "final": _mean_std([p["final"] for p in per_seed]),
+            "best": _mean_std([p["best"] for p in per_seed]),
+            "collapsed": sum(p["collapsed"] for p in per_seed),
+            "reach": {lvl: [p["reach"][lvl] for p in per_seed] for lvl in cfg.accuracy_levels},
+            "clip": _mean_std([p["clip"] for p in per_seed]),
+            "ratio_std": _mean_std([p["ratio_std"] for p in per_seed]),
+            "gamma": _mean_std([p["gamma"] for p in per_seed]),
+            "nsr": _mean_std([p["nsr"] for p in per_seed]),
+            "gvar": _mean_std([p["gvar"] for p in per_seed]),
+            "steps": min(p["steps"] for p in per_seed),
+        }
+    return table
+
+
+def write_report(study_dir: str | Path, command: str | None = None) -> Path:
+    """report.md and figures (curves.png, gamma.png) into ``study_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study_dir = Path(study_dir)
+    if not (study_dir / "study.yaml").is_file():
+        raise FileNotFoundError(f"{study_dir} has no study.yaml: not a study directory")
+    cfg = load_config(StudyConfig, study_dir / "study.yaml")
+    cfg.out_dir = str(study_dir)
+    table = summarize(cfg)
+    # curves with a band (min..max over seeds) per arm
+    n = len(CURVES)
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(20, 4.2 * math.ceil(n / cols)))
+    for ax, (key, title, smooth) in zip(axes.flat, CURVES, strict=False):
+        for arm in table:
+            seeds = [_series(_load(study_dir / arm / f"seed{s}"), key, smooth) for s in cfg.seeds]
+            seeds = [s for s in seeds if s]
+            if not seeds:
+                continue
+            steps = sorted(set.intersection(*(set(s) for s in seeds)))
+            mean = [statistics.mean(s[t] for s in seeds) for t in steps]
+            lo = [min(s[t] for s in seeds) for t in steps]
+            hi = [max(s[t] for s in seeds) for t in steps]
+            (line,) = ax.plot(steps, mean, label=arm, lw=1.3)
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("mean over seeds, band = min..max over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(study_dir / "curves.png", dpi=100)
+    plt.close(fig)
+    # gamma distribution: per-step p10 and mean of the off-policy updates, pooled over seeds
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    for arm in table:
+        for j, key in enumerate(("offpolicy/router_gamma_mean", "router/gamma_p10")):
+            vals = [r[key] for s in cfg.seeds for r in _load(study_dir / arm / f"seed{s}") if key in r]
+            if vals:
+                ax[j].hist(vals, bins=40, alpha=0.5, label=arm)
+                ax[j].set_title(f"distribution over steps of {key}", fontsize=10)
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(study_dir / "gamma.png", dpi=100)
+    plt.close(fig)
+
+    def ms(x, pct=True):
+        m, s = x
+        if math.isnan(m):
+            return "n/a"
+        return f"{m:.1%} +- {s:.1%}" if pct else f"{m:.4g} +- {s:.2g}"
+
+    lines = [
+        "# Stability study",
+        "",
+        f"Generated by `rspo report {study_dir}` from the runs of `{command or 'rspo study <config>'}`.",
+        f"Base config `{cfg.base_config}`, common overrides `{' '.join(cfg.common) or '-'}`, seeds {cfg.seeds}.",
+        "",
+        f"Collapse rule: final validation accuracy below {1 - cfg.collapse_drop:.0%} of the run's best "
+        "(with best >= 5%). Validation: greedy accuracy on 200 held-out problems (+- about 3 points is noise).",
+        "",
+        "| arm | overrides | seeds | steps | final val acc | best val acc | collapsed | "
+        + " | ".join(f"steps to {lvl:.0%}" for lvl in cfg.accuracy_levels)
+        + " | clip fraction | ratio std (off-policy) | gamma (off-policy) | non-shifted ratio"
+        + " | grad var across mini-batches |",
+        "|" + "---|" * (11 + len(cfg.accuracy_levels)),
+    ]
+    for arm, t in table.items():
+        reach = [", ".join("-" if s is None else str(s) for s in t["reach"][lvl]) for lvl in cfg.accuracy_levels]
+        lines.append(
+            f"| {arm} | `{' '.join(cfg.arms[arm])}` | {t['seeds']} | {t['steps']} | {ms(t['final'])} | "
+            f"{ms(t['best'])} | "
+            f"{t['collapsed']}/{t['seeds']} | " + " | ".join(reach) + f" | {ms(t['clip'], False)} | "
+            f"{ms(t['ratio_std'], False)} | {ms(t['gamma'], False)} | {ms(t['nsr'], False)} | {ms(t['gvar'], False)} |"
+        )
+    lines += ["", "![curves](curves.png)", "", "![gamma](gamma.png)", ""]
+    report = study_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,82 @@
+"""Pretraining (loss falls, checkpoint loads), `rspo eval`, the shipped base policy, the demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rspo.checkpoint import BASE_POLICY_DIR, load_policy
+from rspo.cli import main
+from rspo.pretrain import PretrainConfig, collate, lr_at, pretrain
+from rspo.tokenizer import build_char_tokenizer
+
+
+def test_pretraining_loss_falls_and_checkpoint_loads(tmp_path):
+    out = tmp_path / "pt"
+    pretrain(PretrainConfig(preset="tiny-qwen3-moe", out_dir=str(out), steps=60, batch_size=32, lr=3e-3,
+                            warmup_steps=5, eval_every=30, eval_problems=16, final_eval=False, shuffle_buffer=64,
+                            threads=1), progress=False)  # fmt: skip
+    info = json.loads((out / "pretrain.json").read_text())
+    losses = [h["loss"] for h in info["history"]]
+    assert sum(losses[-10:]) / 10 < 0.75 * sum(losses[:10]) / 10  # 3.0 -> 1.9 measured
+    assert "val_greedy_acc" in info["history"][29]
+    assert (out / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and tok.eos_token_id == 1
+
+
+def test_collate_masks_the_prompt():
+    tok = build_char_tokenizer()
+    batch = collate(tok, [("1 2 -> 3\n", "<answer>1+2</answer>"), ("4 -> 4\n", "<answer>4</answer>")])
+    lab, ids = batch["labels"], batch["input_ids"]
+    assert (lab[0, :9] == -100).all() and lab[0, 9] == tok.convert_tokens_to_ids("<answer>")
+    assert lab[0, 14] == tok.eos_token_id and ids.shape == lab.shape
+    assert (lab[1][batch["attention_mask"][1] == 0] == -100).all()
+    cfg = PretrainConfig(steps=100, warmup_steps=10, lr=1.0)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_shipped_base_policy_loads_in_fp32():
+    model, _tok = load_policy(BASE_POLICY_DIR)
+    assert next(model.parameters()).dtype == torch.float32
+    info = json.loads((BASE_POLICY_DIR / "pretrain.json").read_text())
+    assert 0.10 <= info["shipped"]["test_greedy_acc"] <= 0.60  # leaves room for RL
+    assert info["command"].startswith("rspo pretrain")
+
+
+def test_eval_cli_writes_jsonl(tmp_path, capsys):
+    out = tmp_path / "e.jsonl"
+    assert main(["eval", "--model", str(BASE_POLICY_DIR), "--split", "validation", "--limit", "24",
+                 "--out", str(out), "--threads", "1"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "greedy" in text and "sampled(T=1)" in text and "accuracy" in text
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 48 and {r["mode"] for r in rows} == {"greedy", "sampled(T=1)"}
+    assert all(r["reward"] in (0.0, 0.1, 1.0) and r["prompt"].endswith("\n") for r in rows)
+
+
+def test_load_policy_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_policy(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_policy(tmp_path / "empty")
+    assert main(["eval", "--model", str(tmp_path / "nope")]) == 2
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from rspo.demo import run_demo
+
+    out = tmp_path / "demo"
+    assert run_demo(str(out), None, ["steps=2", "rollout.prompts_per_step=4", "mini_batch_size=16",
+                                     "eval_every=1", "eval_problems=8", "threads=1"], eval_limit=16) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "before      after" in text and "greedy accuracy" in text and "curves.png" in text
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert set(summary["before"]) == set(summary["after"])
+    assert (out / "curves.png").is_file() and (out / "test-after.jsonl").is_file()
