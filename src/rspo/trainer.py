@@ -107,14 +107,8 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         torch.set_num_threads(cfg.threads)
         model_dir = BASE_POLICY_DIR if cfg.model == "base" else Path(cfg.model)
-        self.model, self.tok = load_policy(model_dir)
-        self.model.train()
-        self.routers = MoERouters(self.model, top_k=cfg.router_shift.top_k, prob=cfg.router_shift.prob)
-        if cfg.routing.control == "freeze":
-            self.routers.freeze()
+        self._setup_policy(model_dir)
         self.ref_model = load_policy(model_dir)[0] if cfg.kl_coef > 0 else None
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                     weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))  # fmt: skip
         self.splits = CountdownSplits()
         self.reward = CountdownReward(**to_dict(cfg.reward))
         self.hparams = cfg.objective_hparams()
@@ -131,6 +125,17 @@ class Trainer:
         for _ in range(self.data_pos):  # the data position survives restarts
             next(self.stream)
         self.tb = _tensorboard(self.out)
+
+    def _setup_policy(self, model_dir: Path) -> None:
+        """Policy, tokenizer, router hooks (with the routing control) and optimizer from a checkpoint dir."""
+        cfg = self.cfg
+        self.model, self.tok = load_policy(model_dir)
+        self.model.train()
+        self.routers = MoERouters(self.model, top_k=cfg.router_shift.top_k, prob=cfg.router_shift.prob)
+        if cfg.routing.control == "freeze":
+            self.routers.freeze()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                     weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))  # fmt: skip
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -382,13 +387,7 @@ class Trainer:
         ckpt = self.out / "checkpoint"
         if not (ckpt / "trainer_state.json").is_file():
             raise FileNotFoundError(f"no checkpoint to resume in {self.out} (expected {ckpt}/trainer_state.json)")
-        self.model, self.tok = load_policy(ckpt)
-        self.model.train()
-        self.routers = MoERouters(self.model, top_k=self.cfg.router_shift.top_k, prob=self.cfg.router_shift.prob)
-        if self.cfg.routing.control == "freeze":
-            self.routers.freeze()
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.optim.lr,
-                                     weight_decay=self.cfg.optim.weight_decay, betas=(0.9, 0.99))  # fmt: skip
+        self._setup_policy(ckpt)
         try:
             extra = torch.load(ckpt / "trainer.pt", weights_only=False)
             self.opt.load_state_dict(extra["optimizer"])
