@@ -347,3 +347,20 @@ def test_trace_errors_and_helpers():
     assert old.trace.nbytes == 3 * 9 * routers.num_layers * 2 * 5
     assert routers.bytes_per_token() == routers.num_layers * 2 * 5
     assert old.trace[torch.tensor([0, 2])].topk_idx.shape[0] == 2
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_replay_survives_gradient_checkpointing(reentrant):
+    model, routers = make("tiny-mixtral")
+    x = batch(seed=11)
+    with torch.no_grad(), routers.capture(weights=True) as old:
+        model(x)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    routers.start_replay(old.trace, mode="indices")
+    model(x).logits.square().mean().backward()  # layers recompute under the same replay
+    routers.stop_replay()
+    assert routers.routers[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="replay mode='x'"):
+        routers.start_replay(old.trace, mode="x")
+    assert routers._replay_handles == []

@@ -230,45 +230,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ 5. update
     def update(self, b: RolloutBatch) -> dict[str, float]:
-        cfg, rs = self.cfg, self.cfg.router_shift
+        cfg = self.cfg
         per_update: list[dict[str, float]] = []
         grads: list[Tensor] = []  # flattened gradients of this step's updates (log_grad_variance)
         for epoch in range(cfg.ppo_epochs):
             order = self._order if epoch == 0 else torch.randperm(len(b.texts), generator=torch.Generator().manual_seed(
                 _seed(cfg.seed, self.step, f"order{epoch}")))  # fmt: skip
             for mb in order.split(cfg.mini_batch_size):
-                with contextlib.ExitStack() as stack:
-                    if b.full_trace is not None:
-                        mode = "logits" if cfg.routing.control == "replay_logits" else "indices"
-                        stack.enter_context(self.routers.replay(b.full_trace[mb], mode=mode))
-                    cur = None
-                    if b.trace is not None:
-                        cur = stack.enter_context(self.routers.gather(b.trace[mb], positions=b.resp,
-                                                                      keep_grad=not rs.stop_gradient))  # fmt: skip
-                    out = self.model(input_ids=b.sequences[mb], attention_mask=b.attention_mask[mb],
-                                     output_router_logits=cfg.routing.aux_loss_coef > 0)  # fmt: skip
-                logp, entropy = token_log_probs(out.logits, b.sequences[mb], b.prompt_len)  # (m, T)
-                gamma = None
-                if cur is not None:
-                    shift_fn = router_shift_ratio if rs.stop_gradient else router_shift_ratio_with_grad
-                    gamma = shift_fn(b.trace[mb].logp, cur.trace.logp, expert_agg=rs.expert_agg,
-                                     layer_agg=rs.layer_agg, gamma_min=rs.gamma_min)  # (m, T)  # fmt: skip
-                mask = b.loss_mask[mb]
-                loss, m = compute_policy_loss(cfg.objective.name, logp, b.old_log_probs[mb], b.advantages[mb], mask,
-                                              router_shift=gamma if rs.enabled else None, **self.hparams)  # fmt: skip
-                if self.ref_model is not None:
-                    d = self._ref_logp[mb] - logp
-                    kl = masked_mean(torch.exp(d) - d - 1, mask)
-                    loss = loss + cfg.kl_coef * kl
-                    m["kl/ref"] = float(kl.detach())
-                if cfg.routing.aux_loss_coef > 0:
-                    loss = loss + cfg.routing.aux_loss_coef * out.aux_loss
-                    m["router/aux_loss"] = float(out.aux_loss.detach())
-                if cur is not None:
-                    m.update(self._router_metrics(b.trace[mb], cur.trace, gamma.detach(), b.response_mask[mb]))
-                m["entropy/mean"] = float(masked_mean(entropy.detach(), b.response_mask[mb]))
+                loss, m = self.policy_loss(b, mb)
                 m["train/nonfinite_loss"] = 0.0
                 if not torch.isfinite(loss):
+                    self.routers.stop_replay()
                     self.bad_steps += 1
                     m["train/nonfinite_loss"] = 1.0
                     tqdm.write(f"step {self.step + 1}: non-finite loss ({loss.item()}), optimizer step skipped "
@@ -284,6 +256,7 @@ class Trainer:
                 self.bad_steps = 0
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
+                self.routers.stop_replay()
                 params = [p for p in self.model.parameters() if p.requires_grad]
                 if cfg.log_grad_variance:
                     grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
@@ -301,9 +274,45 @@ class Trainer:
         if len(grads) > 1:
             g = torch.stack(grads)  # (updates, n_params)
             out["grad/minibatch_var"] = float(g.var(0, correction=1).sum())
-            cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.pairwise(grads)]
+            cos = [float(torch.nn.functional.cosine_similarity(x, y, dim=0)) for x, y in itertools.pairwise(grads)]
             out["grad/minibatch_cos"] = sum(cos) / len(cos)
         return out
+
+    def policy_loss(self, b: RolloutBatch, mb: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Loss and metrics of mini-batch ``mb`` (row indices): one forward gives log-probs, entropy and
+        the current router at the old experts; gamma; the objective; optional KL and router aux loss."""
+        cfg, rs = self.cfg, self.cfg.router_shift
+        if b.full_trace is not None:  # stays on through backward (checkpointed layers recompute); update() stops it
+            mode = "logits" if cfg.routing.control == "replay_logits" else "indices"
+            self.routers.start_replay(b.full_trace[mb], mode=mode)
+        with contextlib.ExitStack() as stack:
+            cur = None
+            if b.trace is not None:
+                cur = stack.enter_context(self.routers.gather(b.trace[mb], positions=b.resp,
+                                                              keep_grad=not rs.stop_gradient))  # fmt: skip
+            out = self.model(input_ids=b.sequences[mb], attention_mask=b.attention_mask[mb],
+                             output_router_logits=cfg.routing.aux_loss_coef > 0)  # fmt: skip
+        logp, entropy = token_log_probs(out.logits, b.sequences[mb], b.prompt_len)  # (m, T)
+        gamma = None
+        if cur is not None:
+            shift_fn = router_shift_ratio if rs.stop_gradient else router_shift_ratio_with_grad
+            gamma = shift_fn(b.trace[mb].logp, cur.trace.logp, expert_agg=rs.expert_agg,
+                             layer_agg=rs.layer_agg, gamma_min=rs.gamma_min)  # (m, T)  # fmt: skip
+        mask = b.loss_mask[mb]
+        loss, m = compute_policy_loss(cfg.objective.name, logp, b.old_log_probs[mb], b.advantages[mb], mask,
+                                      router_shift=gamma if rs.enabled else None, **self.hparams)  # fmt: skip
+        if self.ref_model is not None:
+            d = self._ref_logp[mb] - logp
+            kl = masked_mean(torch.exp(d) - d - 1, mask)
+            loss = loss + cfg.kl_coef * kl
+            m["kl/ref"] = float(kl.detach())
+        if cfg.routing.aux_loss_coef > 0:
+            loss = loss + cfg.routing.aux_loss_coef * out.aux_loss
+            m["router/aux_loss"] = float(out.aux_loss.detach())
+        if cur is not None:
+            m.update(self._router_metrics(b.trace[mb], cur.trace, gamma.detach(), b.response_mask[mb]))
+        m["entropy/mean"] = float(masked_mean(entropy.detach(), b.response_mask[mb]))
+        return loss, m
 
     def _router_metrics(self, old: RouterTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor) -> dict[str, float]:
         sel = mask > 0

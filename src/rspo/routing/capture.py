@@ -101,6 +101,7 @@ class _Recorder:
 
     num_layers: int
     positions: Positions
+    concat_dim: int = 1
     idx: list[list[Tensor]] = field(default_factory=list)
     logp: list[list[Tensor]] = field(default_factory=list)
     weights: list[list[Tensor]] | None = None
@@ -114,11 +115,12 @@ class _Recorder:
         if any(len(c) != len(self.idx[0]) for c in self.idx) or not self.idx[0]:
             counts = [len(c) for c in self.idx]
             raise RuntimeError(f"router capture saw an unequal or empty number of calls per MoE layer: {counts}")
-        idx = torch.stack([torch.cat(c, dim=1) for c in self.idx], dim=2)  # (B, T, L, K)
-        logp = torch.stack([torch.cat(c, dim=1) for c in self.logp], dim=2)
+        d = self.concat_dim
+        idx = torch.stack([torch.cat(c, dim=d) for c in self.idx], dim=2)  # (B, T, L, K)
+        logp = torch.stack([torch.cat(c, dim=d) for c in self.logp], dim=2)
         w = None
         if self.weights is not None:
-            w = torch.stack([torch.cat(c, dim=1) for c in self.weights], dim=2)
+            w = torch.stack([torch.cat(c, dim=d) for c in self.weights], dim=2)
         self.trace = RouterTrace(idx, logp, w)
         return self.trace
 
@@ -212,12 +214,16 @@ class MoERouters:
 
     # ---------------------------------------------------------------- capture / gather
     @contextlib.contextmanager
-    def capture(self, positions: Positions = None, weights: bool = False) -> Iterator[_Recorder]:
+    def capture(
+        self, positions: Positions = None, weights: bool = False, chunks: Literal["sequence", "batch"] = "sequence"
+    ) -> Iterator[_Recorder]:
         """Record the old top-K indices and router log-probs; ``.trace`` is set on exit.
 
         ``weights=True`` also keeps the expert weights (needed by ``replay(mode='logits')``).
+        Several forward calls in one context are concatenated along the sequence (``chunks='sequence'``:
+        KV-cache decoding) or along the batch (``chunks='batch'``: a batch split into row chunks).
         """
-        rec = _Recorder(self.num_layers, positions)
+        rec = _Recorder(self.num_layers, positions, concat_dim=1 if chunks == "sequence" else 0)
         if weights:
             rec.weights = [[] for _ in range(self.num_layers)]
 
@@ -247,15 +253,23 @@ class MoERouters:
         rec.finish()
 
     @contextlib.contextmanager
-    def gather(self, trace: RouterTrace, positions: Positions = None, keep_grad: bool = False) -> Iterator[_Recorder]:
+    def gather(
+        self,
+        trace: RouterTrace,
+        positions: Positions = None,
+        keep_grad: bool = False,
+        chunks: Literal["single", "batch"] = "single",
+    ) -> Iterator[_Recorder]:
         """In the training forward: current router log-probs at the trace's stored experts.
 
         On exit ``.trace`` holds ``logp`` ``(B, T, L, K)`` (current router, old experts) and
         ``topk_idx``, the experts the current router selected (for the non-shifted ratio).
         ``keep_grad=True`` keeps the graph to the router (the stop-gradient ablation only).
+        ``chunks='batch'``: the batch arrives as successive row chunks, matched to the trace in order.
         """
-        rec = _Recorder(self.num_layers, positions)
+        rec = _Recorder(self.num_layers, positions, concat_dim=0)
         old_idx = trace.topk_idx
+        offsets = [0] * self.num_layers  # rows of the trace consumed per layer (chunks='batch')
 
         def make_hook(layer: int):
             router = self.routers[layer]
@@ -270,7 +284,11 @@ class MoERouters:
                     cur = self._to_bs(self._stored_indices(router, logits, idx).detach())
                     if positions is not None:
                         logits_bs, cur = logits_bs[:, positions], cur[:, positions]
-                    stored = old_idx[:, :, layer].long()
+                    if chunks == "batch":
+                        start = offsets[layer]
+                        stored = old_idx[start : start + logits_bs.shape[0], :, layer].long()
+                    else:
+                        stored = old_idx[:, :, layer].long()
                     if stored.shape[:2] != logits_bs.shape[:2]:
                         raise ValueError(
                             f"trace has {tuple(stored.shape[:2])} (B, T) tokens at MoE layer {layer}, the forward "
@@ -282,6 +300,7 @@ class MoERouters:
                     )
                 if recompute:
                     return  # ops redone so a non-reentrant checkpoint sees the same saved tensors
+                offsets[layer] += b
                 rec.logp[layer].append(lp.reshape(b, t, -1))
                 rec.idx[layer].append(cur.to(self.idx_dtype))
 
@@ -300,8 +319,18 @@ class MoERouters:
           the current router for those experts (the router still gets gradients).
         - ``logits`` (copy the old router): experts and weights both from the old pass, detached
           (no gradient reaches the router). Needs ``capture(weights=True)``.
-        The trace must have been captured with K = the model's experts-per-token.
+        The trace must have been captured with K = the model's experts-per-token. With gradient
+        checkpointing, the backward must run inside the context too (layers are recomputed then);
+        otherwise use :meth:`start_replay` / :meth:`stop_replay`.
         """
+        self.start_replay(trace, mode)
+        try:
+            yield
+        finally:
+            self.stop_replay()
+
+    def start_replay(self, trace: RouterTrace, mode: ReplayMode = "indices") -> None:
+        """Replay ``trace`` in every forward (and checkpoint recomputation) until :meth:`stop_replay`."""
         if mode not in ("indices", "logits"):
             raise ValueError(f"replay mode={mode!r}; valid values: indices, logits")
         if trace.topk_idx.shape[-1] != self.model_top_k:
@@ -311,6 +340,7 @@ class MoERouters:
             )
         if mode == "logits" and trace.weights is None:
             raise ValueError("replay(mode='logits') needs a trace captured with capture(weights=True)")
+        self.stop_replay()
 
         def make_hook(layer: int):
             router = self.routers[layer]
@@ -333,8 +363,12 @@ class MoERouters:
 
             return hook
 
-        with self._hooks(make_hook):
-            yield
+        self._replay_handles = [r.register_forward_hook(make_hook(i)) for i, r in enumerate(self.routers)]
+
+    def stop_replay(self) -> None:
+        for h in getattr(self, "_replay_handles", []):
+            h.remove()
+        self._replay_handles = []
 
 
 def _layer_index(name: str) -> int:

@@ -1,0 +1,215 @@
+"""Router-aware objectives inside TRL's GRPOTrainer (``pip install rspo[trl]``).
+
+    from rspo.integrations.trl import RSPOConfig, RSPOTrainer
+    args = RSPOConfig(output_dir="out", objective="rspo", router_shift_gamma_min=0.5,
+                      per_device_train_batch_size=64, steps_per_generation=2, num_generations=8, ...)
+    trainer = RSPOTrainer(model=moe_model, reward_funcs=reward, args=args, train_dataset=ds)
+    trainer.train()
+
+Option names are those of ``rspo train``'s config with the section joined by ``_``
+(``objective.clip_low`` -> ``clip_low``, ``router_shift.gamma_min`` -> ``router_shift_gamma_min``,
+``routing.control`` -> ``routing_control``).
+
+What the subclass changes, and nothing else:
+- The pass that computes the old log-probs also captures the old router trace (top-K expert
+  indices and router log-probs at the positions that score the completion). TRL skips that pass
+  when it judges a step on-policy (then old = current, detached); with router shift on, that would
+  make gamma always 1, so the subclass runs it whenever TRL did not.
+- The loss is ``rspo.objectives.compute_policy_loss`` on the completion tokens, with gamma from
+  the current router gathered in the same forward as the log-probs; TRL's KL term (``beta``) and
+  MoE aux loss are added as TRL does (TRL turns the aux loss on for MoE models with the model
+  config's ``router_aux_loss_coef``; set ``router_aux_loss_coef=0`` to match ``rspo train``'s
+  default), and the loss is scaled for gradient accumulation as TRL's ``grpo`` loss type is.
+  Our metrics (``clip_ratio/*``, ``ratio/*``, ``router/*``) appear in TRL's logs next to its own.
+- Routing replay stays on from the training forward through TRL's backward, so layers recomputed
+  by gradient checkpointing (on by default in TRL) see the same routing.
+- ``routing_control='freeze'`` freezes the router; ``'replay_indices'`` and ``'replay_logits'``
+  replay the old routing in the training forward (the trace is then kept on all positions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from rspo.objectives import compute_policy_loss, get_objective, list_objectives
+from rspo.routing import MoERouters, RouterTrace, non_shifted_ratio, router_shift_ratio, router_shift_ratio_with_grad
+
+
+@dataclass
+class RSPOConfig(GRPOConfig):
+    objective: str = field(default="rspo", metadata={"help": f"rspo objective: {', '.join(list_objectives())}"})
+    clip_low: float | None = field(
+        default=None, metadata={"help": "objective.clip_low (None: the objective's default)"}
+    )
+    clip_high: float | None = field(default=None, metadata={"help": "objective.clip_high"})
+    objective_loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = field(
+        default=None, metadata={"help": "objective.loss_agg for grpo / gspo_token"}
+    )
+    router_shift: bool | None = field(default=None, metadata={"help": "router_shift.enabled (None: on for rspo)"})
+    router_shift_expert_agg: Literal["log_mean", "mean_exp"] = "log_mean"
+    router_shift_layer_agg: Literal["geo_mean", "product"] = "geo_mean"
+    router_shift_gamma_min: float = 0.5
+    router_shift_placement: Literal["after_clip", "before_clip"] = "after_clip"
+    router_shift_form: Literal["weight", "eq5_literal"] = "weight"
+    router_shift_stop_gradient: bool = True
+    router_shift_top_k: int | None = None
+    router_shift_prob: Literal["full", "topk_renorm"] = "full"
+    routing_control: Literal["none", "freeze", "replay_logits", "replay_indices"] = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in list_objectives():
+            raise ValueError(f"objective={self.objective!r}; valid: {', '.join(list_objectives())}")
+        use = get_objective(self.objective).router_shift
+        if self.router_shift is None:
+            self.router_shift = use == "required"
+        if use == "required" and not self.router_shift:
+            raise ValueError(f"objective {self.objective!r} needs router_shift=True")
+        if use == "none" and self.router_shift:
+            raise ValueError(f"objective {self.objective!r} cannot use router shift (rspo = gmpo + router shift)")
+        for name, allowed in (("router_shift_expert_agg", ("log_mean", "mean_exp")),
+                              ("router_shift_layer_agg", ("geo_mean", "product")),
+                              ("router_shift_placement", ("after_clip", "before_clip")),
+                              ("router_shift_form", ("weight", "eq5_literal")),
+                              ("router_shift_prob", ("full", "topk_renorm")),
+                              ("routing_control", ("none", "freeze", "replay_logits", "replay_indices"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed values: {', '.join(allowed)}")
+
+    def objective_hparams(self) -> dict[str, Any]:
+        hp: dict[str, Any] = {}
+        if self.clip_low is not None:
+            hp["clip_low"] = self.clip_low
+        if self.clip_high is not None:
+            hp["clip_high"] = self.clip_high
+        if self.objective_loss_agg is not None:
+            hp["loss_agg"] = self.objective_loss_agg
+            if self.objective_loss_agg == "seq-mean-token-sum-norm":
+                hp["norm_length"] = float(self.max_completion_length)
+        if self.router_shift:
+            hp.update(
+                router_shift_placement=self.router_shift_placement,
+                router_shift_grad=not self.router_shift_stop_gradient,
+                gamma_min=self.router_shift_gamma_min,
+            )
+            if self.objective == "rspo":
+                hp["router_shift_form"] = self.router_shift_form
+        return hp
+
+
+class RSPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose loss is any rspo objective, with router shift from real router probabilities."""
+
+    args: RSPOConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, RSPOConfig):
+            raise TypeError("RSPOTrainer needs args=RSPOConfig(...)")
+        self.routers = MoERouters(self.accelerator.unwrap_model(self.model), top_k=self.args.router_shift_top_k,
+                                  prob=self.args.router_shift_prob)  # fmt: skip
+        if self.args.routing_control == "freeze":
+            self.routers.freeze()
+        self._hparams = self.args.objective_hparams()
+        self._replay = self.args.routing_control.startswith("replay")
+        self._router_mode: str | None = None
+        self._trace: RouterTrace | None = None
+
+    # -------------------------------------------------------------- the forward, with router hooks
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
+        policy = self.accelerator.unwrap_model(model) is self.accelerator.unwrap_model(self.model)
+        if self._router_mode is None or not policy:  # reference-model and other passes: untouched
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *a, **kw
+            )
+        mode, self._router_mode = self._router_mode, None
+        s = input_ids.shape[1]
+        resp = slice(s - logits_to_keep - 1, s - 1)  # the positions whose logits score the completion
+        with contextlib.ExitStack() as stack:
+            if mode == "capture":
+                rec = stack.enter_context(self.routers.capture(positions=None if self._replay else resp,
+                                                               weights=self._replay, chunks="batch"))  # fmt: skip
+            else:
+                full, trace = self._trace
+                if full is not None:  # stays on through TRL's backward (checkpointed layers are recomputed)
+                    ctl = "logits" if self.args.routing_control == "replay_logits" else "indices"
+                    self.routers.start_replay(full, mode=ctl)
+                keep = not self.args.router_shift_stop_gradient
+                rec = stack.enter_context(self.routers.gather(trace, positions=resp, keep_grad=keep))
+            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *a, **kw)
+        self._captured = rec.trace
+        return out
+
+    # -------------------------------------------------------------- old pass: logps + trace together
+    def _generate_and_score_completions(self, inputs):
+        self.routers.stop_replay()  # generation and the old pass use the model's own routing
+        self._router_mode, self._captured = "capture", None
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._router_mode = None
+        if self._captured is None:  # TRL judged the step on-policy and skipped the old pass: run it
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+            am = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+            self._router_mode = "capture"
+            with torch.no_grad():
+                old, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, ids, am, out["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size
+                )
+            out["old_per_token_logps"] = old
+        trace = self._captured
+        out["router_old_idx"], out["router_old_logp"] = trace.topk_idx, trace.logp
+        if trace.weights is not None:
+            out["router_old_weights"] = trace.weights
+        return out
+
+    # -------------------------------------------------------------- the loss
+    def _compute_loss(self, model, inputs):
+        args = self.args
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        t = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        old = RouterTrace(inputs["router_old_idx"], inputs["router_old_logp"], inputs.get("router_old_weights"))
+        s = input_ids.shape[1]
+        resp = slice(s - t - 1, s - 1)
+        trace = old.positions(resp) if self._replay else old
+        self._trace, self._router_mode = (old if self._replay else None, trace), "gather"
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, t, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled
+        )  # (B, T)
+        cur = self._captured
+        old_logps = inputs["old_per_token_logps"]
+        shift = router_shift_ratio if args.router_shift_stop_gradient else router_shift_ratio_with_grad
+        gamma = shift(trace.logp, cur.logp, expert_agg=args.router_shift_expert_agg,
+                      layer_agg=args.router_shift_layer_agg, gamma_min=args.router_shift_gamma_min)  # fmt: skip
+        adv = inputs["advantages"].to(logps.dtype)
+        loss, metrics = compute_policy_loss(
+            args.objective, logps, old_logps.to(logps.dtype), adv, mask.to(logps.dtype),
+            router_shift=gamma if args.router_shift else None, **self._hparams,
+        )  # fmt: skip
+        mode = "train" if self.model.training else "eval"
+        if self.beta != 0.0:  # TRL's k3 KL to the reference model, token-averaged per sequence then over sequences
+            ref = inputs["ref_per_token_logps"]
+            kl = torch.exp(ref - logps) - (ref - logps) - 1
+            loss = loss + self.beta * ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+            metrics["kl"] = float(((kl * mask).sum() / mask.sum().clamp(min=1)).detach())
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+        if mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps
+        sel = mask > 0
+        metrics["router/gamma_mean"] = float(gamma.detach()[sel].mean())
+        metrics["router/non_shifted_ratio"] = non_shifted_ratio(trace.topk_idx, cur.topk_idx, mask)
+        metrics["entropy"] = float(entropies.detach()[sel].mean())
+        for k, v in metrics.items():
+            value = self.accelerator.gather(torch.tensor(v, device=logps.device)).nanmean()
+            self._metrics[mode][k].append(value.item())
+        return loss

@@ -1,0 +1,150 @@
+"""rspo inside TRL's GRPOTrainer: equality with our trainer's update, and short end-to-end runs on CPU."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset
+
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer
+from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
+from rspo.trainer import Trainer
+from tests.test_trainer import tiny_cfg
+
+
+def countdown_dataset(n: int) -> Dataset:
+    stream = CountdownSplits().train_stream(seed=3)
+    rows = [next(stream) for _ in range(n)]
+    return Dataset.from_dict({"prompt": [make_prompt(p) for p in rows], "numbers": [list(p.numbers) for p in rows],
+                              "target": [p.target for p in rows]})  # fmt: skip
+
+
+REWARD = CountdownReward()
+
+
+def countdown_reward(prompts, completions, numbers, target, **kw):
+    return [REWARD(c, Problem(tuple(n), t)) for c, n, t in zip(completions, numbers, target, strict=True)]
+
+
+def make_trainer(model, tok, tmp_path, **kw) -> RSPOTrainer:
+    args = dict(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], logging_steps=1,
+                per_device_train_batch_size=8, steps_per_generation=2, num_generations=4, max_completion_length=14,
+                max_steps=4, learning_rate=3e-3, save_strategy="no", seed=0, beta=0.0)  # fmt: skip
+    args.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return RSPOTrainer(model=model, reward_funcs=countdown_reward, args=RSPOConfig(**args),
+                           train_dataset=countdown_dataset(16), processing_class=tok)  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", ["rspo", "grpo_rs", "gspo_token"])
+def test_loss_and_gradients_equal_our_trainer(tiny_policy, tmp_path, objective):
+    name, rs = ("grpo", True) if objective == "grpo_rs" else (objective, None)
+    over = {"objective__name": name, "mini_batch_size": 16}
+    if rs:
+        over["router_shift__enabled"] = True
+    if name == "gspo_token":
+        over.update(objective__clip_low=0.05, objective__clip_high=0.05)
+    ours = Trainer(tiny_cfg(tiny_policy, tmp_path / "ours", **over), progress=False)
+    b = ours.rollout()
+    ours.score_and_advantages(b)
+    ours.old_pass(b)
+    with torch.no_grad():  # make the policy differ from the old one, so ratios and gamma are not 1
+        for p in ours.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    trl_model = copy.deepcopy(ours.model)
+    rows = torch.arange(len(b.texts))
+    loss_a, m_a = ours.policy_loss(b, rows)
+    loss_a.backward()
+    grads_a = {n: p.grad.clone() for n, p in ours.model.named_parameters() if p.grad is not None}
+
+    extra = {"clip_low": 0.05, "clip_high": 0.05} if name == "gspo_token" else {}
+    # TRL adds the MoE aux loss with the model config's coefficient by default; ours has it off
+    tr = make_trainer(trl_model, ours.tok, tmp_path, objective=name, router_shift=rs, router_aux_loss_coef=0.0, **extra)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    p = b.prompt_len
+    inputs = {"prompt_ids": b.sequences[:, :p], "prompt_mask": b.attention_mask[:, :p],
+              "completion_ids": b.sequences[:, p:], "completion_mask": b.response_mask.long(),
+              "advantages": b.advantages, "old_per_token_logps": b.old_log_probs,
+              "router_old_idx": b.trace.topk_idx, "router_old_logp": b.trace.logp}  # fmt: skip
+    loss_b = tr._compute_loss(tr.model, inputs)
+    loss_b.backward()
+    grads_b = {n: q.grad for n, q in tr.model.named_parameters() if q.grad is not None}
+    # TRL scores tokens with a fused LM head: equal up to float32 rounding
+    torch.testing.assert_close(loss_b.detach(), loss_a.detach(), atol=2e-6, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], atol=1e-6, rtol=2e-4, msg=n)
+    assert m_a["router/gamma_mean"] < 1.0
+    assert tr._metrics["train"]["router/gamma_mean"][-1] == pytest.approx(m_a["router/gamma_mean"], abs=1e-6)
+
+
+def _gamma_log(trainer):
+    return [h["router/gamma_mean"] for h in trainer.state.log_history if "router/gamma_mean" in h]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"objective": "rspo"},
+        {"objective": "grpo"},
+        {"objective": "grpo", "router_shift": True},
+        {"objective": "gspo", "clip_low": 0.05, "clip_high": 0.05},
+        {"objective": "gspo_token", "clip_low": 0.05, "clip_high": 0.05, "router_shift": True},
+        {"objective": "gmpo"},
+        {"objective": "rspo", "routing_control": "freeze"},
+        {"objective": "grpo", "routing_control": "replay_indices"},
+        {
+            "objective": "rspo",
+            "gradient_accumulation_steps": 2,
+            "per_device_train_batch_size": 4,
+            "steps_per_generation": 4,
+        },
+    ],
+    ids=["rspo", "grpo", "grpo_rs", "gspo", "gspo_token_rs", "gmpo", "rspo_freeze", "grpo_replay_indices", "rspo_ga2"],
+)
+def test_end_to_end_runs(tiny_policy, tmp_path, kw):
+    from rspo.checkpoint import load_policy
+
+    model, tok = load_policy(tiny_policy)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = make_trainer(model, tok, tmp_path, **kw)
+    tr.train()
+    changed = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed
+    gates = {n for n in before if n.endswith("mlp.gate.weight")}
+    if kw.get("routing_control") == "freeze":
+        assert not changed & gates
+    gammas = _gamma_log(tr)
+    assert len(gammas) == 4
+    # two optimizer steps per generation batch: the first is on-policy (gamma exactly 1), the second not
+    assert gammas[0] == 1.0 and gammas[2] == 1.0
+    assert gammas[1] < 1.0 and gammas[3] < 1.0
+    assert all("clip_ratio/region_mean" in h for h in tr.state.log_history if "router/gamma_mean" in h)
+
+
+def test_old_pass_forced_when_trl_would_skip_it(tiny_policy, tmp_path):
+    from rspo.checkpoint import load_policy
+
+    model, tok = load_policy(tiny_policy)
+    # one optimizer step per generation: TRL judges every step on-policy and skips the old pass
+    tr = make_trainer(model, tok, tmp_path, steps_per_generation=1, max_steps=2)
+    tr.train()
+    assert _gamma_log(tr) == [1.0, 1.0]  # the trace exists (forced pass) and the policy had not changed
+    assert tr.state.log_history[0]["ratio/std"] == 0.0
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="objective='ppo'; valid"):
+        RSPOConfig(output_dir="x", objective="ppo", use_cpu=True)
+    with pytest.raises(ValueError, match="'gmpo' cannot use router shift"):
+        RSPOConfig(output_dir="x", objective="gmpo", router_shift=True, use_cpu=True)
+    with pytest.raises(ValueError, match="routing_control='replay'"):
+        RSPOConfig(output_dir="x", routing_control="replay", use_cpu=True)
