@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(VENV)/bin/rspo demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

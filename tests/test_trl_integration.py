@@ -148,3 +148,25 @@ def test_config_errors():
         RSPOConfig(output_dir="x", objective="gmpo", router_shift=True, use_cpu=True)
     with pytest.raises(ValueError, match="routing_control='replay'"):
         RSPOConfig(output_dir="x", routing_control="replay", use_cpu=True)
+
+
+def test_example_script_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "trl_countdown.py"
+    r = subprocess.run([sys.executable, str(script), "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("step")]
+    assert len(lines) == 2 and "gamma 1.00000" in lines[0]
+
+
+def test_num_iterations_reuses_the_trace(tiny_policy, tmp_path):
+    from rspo.checkpoint import load_policy
+
+    model, tok = load_policy(tiny_policy)
+    tr = make_trainer(model, tok, tmp_path, num_iterations=2, max_steps=4)  # 2 steps x 2 iterations per batch
+    tr.train()
+    gammas = _gamma_log(tr)
+    assert gammas[0] == 1.0 and all(g < 1.0 for g in gammas[1:4])

@@ -184,7 +184,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from rspo.study import write_report
 
-    print(f"wrote {write_report(args.study_dir, command=args.command_line)}")
+    print(f"wrote {write_report(args.study_dir, command=args.command_line, out=args.out)}")
     return 0
 
 
@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("report", help="report.md and PNG figures of a study directory")
     pr.add_argument("study_dir")
     pr.add_argument("--command-line", default=None, help="the study command to record in the report")
+    pr.add_argument("--out", default=None, help="directory for report.md and figures (default: STUDY_DIR)")
     pr.set_defaults(func=cmd_report)
     pd = sub.add_parser("demo", help="RSPO on Countdown from the shipped base policy, with a before/after table")
     pd.add_argument("--out-dir", default="runs/demo")

@@ -209,7 +209,9 @@ class RSPOTrainer(GRPOTrainer):
         metrics["router/gamma_mean"] = float(gamma.detach()[sel].mean())
         metrics["router/non_shifted_ratio"] = non_shifted_ratio(trace.topk_idx, cur.topk_idx, mask)
         metrics["entropy"] = float(entropies.detach()[sel].mean())
-        for k, v in metrics.items():
-            value = self.accelerator.gather(torch.tensor(v, device=logps.device)).nanmean()
-            self._metrics[mode][k].append(value.item())
+        keys = sorted(metrics)  # one gather for all metrics (a process-group call per metric would be slow)
+        local = torch.tensor([float(metrics[k]) for k in keys], device=logps.device)
+        gathered = self.accelerator.gather(local[None]).nanmean(0).tolist()
+        for k, v in zip(keys, gathered, strict=True):
+            self._metrics[mode][k].append(v)
         return loss
