@@ -170,3 +170,22 @@ def test_num_iterations_reuses_the_trace(tiny_policy, tmp_path):
     tr.train()
     gammas = _gamma_log(tr)
     assert gammas[0] == 1.0 and all(g < 1.0 for g in gammas[1:4])
+
+
+def test_two_cpu_processes(tiny_policy, tmp_path):
+    """RSPOTrainer under torchrun with 2 processes (gloo on CPU): trains, metrics gathered across ranks."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "scripts" / "trl_two_process.py"
+    out = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), tiny_policy, str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["processes"] == 2
+    g = res["gammas"]
+    assert len(g) == 4 and g[0] == 1.0 and g[2] == 1.0 and g[1] < 1.0 and g[3] < 1.0
