@@ -23,7 +23,7 @@ import torch
 
 from rspo.checkpoint import BASE_POLICY_DIR, load_policy
 from rspo.config import build
-from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
+from rspo.tasks.countdown import CountdownSplits
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 
@@ -50,19 +50,14 @@ def run_ours(model_dir: str, steps: int, work: Path) -> float:
 
 
 def run_trl(model_dir: str, steps: int, work: Path) -> float:
-    from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
+
+    from rspo.integrations.trl import countdown_dataset, countdown_reward_func
 
     model, tok = load_policy(model_dir)
     problems = CountdownSplits().train_stream(seed=1)
     rows = [next(problems) for _ in range(PROMPTS * steps)]
-    data = Dataset.from_dict({"prompt": [make_prompt(p) for p in rows], "numbers": [list(p.numbers) for p in rows],
-                              "target": [p.target for p in rows]})  # fmt: skip
-    reward = CountdownReward()
-
-    def countdown_reward(prompts, completions, numbers, target, **kw):
-        return [reward(c, Problem(tuple(n), t)) for c, n, t in zip(completions, numbers, target, strict=True)]
-
+    data, countdown_reward = countdown_dataset(rows), countdown_reward_func()
     args = GRPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False,
                       per_device_train_batch_size=MINI, steps_per_generation=PROMPTS * GROUP // MINI,
                       num_generations=GROUP, max_completion_length=NEW_TOKENS,

@@ -18,26 +18,20 @@ import time
 import warnings
 
 import torch
-from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from rspo.checkpoint import BASE_POLICY_DIR, load_policy
-from rspo.integrations.trl import RSPOConfig, RSPOTrainer
-from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer, countdown_dataset, countdown_reward_func
+from rspo.tasks.countdown import CountdownSplits
 
-REWARD = CountdownReward()
-
-
-def reward_fn(prompts, completions, numbers, target, **kw):
-    return [REWARD(c, Problem(tuple(n), t)) for c, n, t in zip(completions, numbers, target, strict=True)]
+reward_fn = countdown_reward_func()
 
 
 def run(kind: str, steps: int) -> tuple[float, int]:
     model, tok = load_policy(BASE_POLICY_DIR)
     stream = CountdownSplits().train_stream(seed=1)
     rows = [next(stream) for _ in range(8 * steps)]
-    data = Dataset.from_dict({"prompt": [make_prompt(p) for p in rows], "numbers": [list(p.numbers) for p in rows],
-                              "target": [p.target for p in rows]})  # fmt: skip
+    data = countdown_dataset(rows)
     common = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, gradient_checkpointing=False,
                   per_device_train_batch_size=64, steps_per_generation=2, num_generations=8, max_completion_length=32,
                   learning_rate=1e-5, beta=0.0, router_aux_loss_coef=0.0, max_steps=steps, logging_steps=1,

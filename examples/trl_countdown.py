@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from datasets import Dataset
-
 from rspo.checkpoint import BASE_POLICY_DIR, load_policy
-from rspo.integrations.trl import RSPOConfig, RSPOTrainer
-from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer, countdown_dataset, countdown_reward_func
+from rspo.tasks.countdown import CountdownReward, CountdownSplits
 
 
 def main() -> None:
@@ -28,17 +26,8 @@ def main() -> None:
     model, tok = load_policy(BASE_POLICY_DIR)
     stream = CountdownSplits().train_stream(seed=0)
     problems = [next(stream) for _ in range(16 * args.steps)]
-    data = Dataset.from_dict(
-        {
-            "prompt": [make_prompt(p) for p in problems],
-            "numbers": [list(p.numbers) for p in problems],
-            "target": [p.target for p in problems],
-        }
-    )
-    reward = CountdownReward(score_format=0.0)
-
-    def countdown_reward(prompts, completions, numbers, target, **kw):
-        return [reward(c, Problem(tuple(n), t)) for c, n, t in zip(completions, numbers, target, strict=True)]
+    data = countdown_dataset(problems)
+    countdown_reward = countdown_reward_func(CountdownReward(score_format=0.0))
 
     config = RSPOConfig(
         output_dir=tempfile.mkdtemp(), objective=args.objective, router_shift_gamma_min=0.5,

@@ -10,26 +10,18 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset
-
-from rspo.integrations.trl import RSPOConfig, RSPOTrainer
-from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer, countdown_dataset, countdown_reward_func
+from rspo.tasks.countdown import CountdownSplits
 from rspo.trainer import Trainer
 from tests.test_trainer import tiny_cfg
 
 
-def countdown_dataset(n: int) -> Dataset:
+def countdown_rows(n: int) -> list:
     stream = CountdownSplits().train_stream(seed=3)
-    rows = [next(stream) for _ in range(n)]
-    return Dataset.from_dict({"prompt": [make_prompt(p) for p in rows], "numbers": [list(p.numbers) for p in rows],
-                              "target": [p.target for p in rows]})  # fmt: skip
+    return [next(stream) for _ in range(n)]
 
 
-REWARD = CountdownReward()
-
-
-def countdown_reward(prompts, completions, numbers, target, **kw):
-    return [REWARD(c, Problem(tuple(n), t)) for c, n, t in zip(completions, numbers, target, strict=True)]
+countdown_reward = countdown_reward_func()
 
 
 def make_trainer(model, tok, tmp_path, **kw) -> RSPOTrainer:
@@ -40,7 +32,7 @@ def make_trainer(model, tok, tmp_path, **kw) -> RSPOTrainer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return RSPOTrainer(model=model, reward_funcs=countdown_reward, args=RSPOConfig(**args),
-                           train_dataset=countdown_dataset(16), processing_class=tok)  # fmt: skip
+                           train_dataset=countdown_dataset(countdown_rows(16)), processing_class=tok)  # fmt: skip
 
 
 @pytest.mark.parametrize("objective", ["rspo", "grpo_rs", "gspo_token"])

@@ -31,6 +31,8 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 
+from rspo.routing.shift import gamma_metrics, router_clip_mask
+
 Tensor = torch.Tensor
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -612,9 +614,9 @@ def compute_policy_loss(
                 f"max {g_in.max().item():.4g}"
             )
         extra["router_shift_placement"] = hp["router_shift_placement"]
-        thr = hp["router_clip_threshold"]
-        if hp["router_clip_drop"]:
-            extra["router_clip_mask"] = (gamma.detach() >= thr).to(mask.dtype)
+        if hp["router_clip_drop"]:  # keep the tokens the snippet's router_clip_mask does not flag
+            flagged = router_clip_mask(gamma.detach(), mask, hp["router_clip_threshold"])
+            extra["router_clip_mask"] = (~flagged).to(mask.dtype)
     fn_hp = {k: v for k, v in hp.items() if k not in ROUTER_SHIFT_HPARAMS}
 
     terms = obj.fn(log_probs, old_log_probs, advantages, mask, gamma, **fn_hp, **extra)
@@ -649,16 +651,7 @@ def _metrics(
         "kl/approx": float((w - 1 - dl).mean()) if n else 0.0,
     }
     if gamma is not None:
-        g = gamma.detach()[sel]
-        out["router/gamma_mean"] = float(g.mean()) if n else nan
-        out["router/gamma_p10"] = float(torch.quantile(g.double(), 0.1)) if n else nan
-        out["router/gamma_min"] = float(g.min()) if n else nan
-        if hp["gamma_min"] is not None:
-            # gamma_min is applied by max(); tokens at the floor equal it up to float rounding.
-            floor = torch.tensor(hp["gamma_min"], dtype=g.dtype)
-            out["router/gamma_at_floor"] = float((g <= floor).to(dl.dtype).mean()) if n else 0.0
-        if hp["router_clip_threshold"] is not None:
-            out["router/clip_frac"] = float((g < hp["router_clip_threshold"]).to(dl.dtype).mean()) if n else 0.0
+        out.update(gamma_metrics(gamma, mask, hp["gamma_min"], hp["router_clip_threshold"]))
     return out
 
 

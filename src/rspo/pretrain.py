@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from rspo.config import save_config, to_dict
 from rspo.evaluate import evaluate
 from rspo.models import build_model, count_parameters
-from rspo.tasks.countdown import CountdownSplits, Problem, format_answer, make_prompt, solve
+from rspo.tasks.countdown import CountdownSplits, format_answer, make_prompt, solve
 from rspo.tokenizer import build_char_tokenizer
 
 
@@ -218,7 +218,3 @@ def save_checkpoint(model, tokenizer, out_dir: Path, info: dict[str, Any], cfg: 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-
-
-def problems_of(records: list[dict]) -> list[Problem]:
-    return [Problem(tuple(r["numbers"]), r["target"]) for r in records]

@@ -36,6 +36,7 @@ from rspo.rollout import generate, score
 from rspo.routing import (
     MoERouters,
     RouterTrace,
+    gamma_metrics,
     non_shifted_ratio,
     router_shift_ratio,
     router_shift_ratio_with_grad,
@@ -177,7 +178,6 @@ class Trainer:
         gen = generate(self.model, self.tok, [make_prompt(p) for p in problems], max_new_tokens=r.max_new_tokens,
                        greedy=False, temperature=r.temperature, top_p=r.top_p,
                        generator_seed=_seed(self.cfg.seed, self.step, "sample"))  # fmt: skip
-        self.model.train()
         return RolloutBatch(problems, gen.sequences, gen.attention_mask, gen.prompt_len,
                             gen.response_mask.float(), gen.texts)  # fmt: skip
 
@@ -315,19 +315,15 @@ class Trainer:
         return loss, m
 
     def _router_metrics(self, old: RouterTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor) -> dict[str, float]:
-        sel = mask > 0
-        g = gamma[sel]
-        idx = cur.topk_idx.long()[sel]  # (n, L, K) current experts
+        idx = cur.topk_idx.long()[mask > 0]  # (n, L, K) current experts
         loads = torch.stack([torch.bincount(idx[:, layer].reshape(-1), minlength=self.routers.num_experts)
                              for layer in range(idx.shape[1])]).float()  # (L, E)  # fmt: skip
         share = loads / loads.sum(1, keepdim=True).clamp(min=1)
         return {
-            "router/gamma_mean": float(g.mean()), "router/gamma_p10": float(torch.quantile(g.double(), 0.1)),
-            "router/gamma_min": float(g.min()),
-            "router/gamma_at_floor": float((g <= self.cfg.router_shift.gamma_min).float().mean()),
+            **gamma_metrics(gamma, mask, self.cfg.router_shift.gamma_min),
             "router/non_shifted_ratio": non_shifted_ratio(old.topk_idx, cur.topk_idx, mask),
             "router/load_max_ratio": float((share.max(1).values * self.routers.num_experts).mean()),
-        }  # fmt: skip
+        }
 
     # ------------------------------------------------------------------ 6. metrics, validation, checkpoints
     def _rollout_metrics(self, b: RolloutBatch) -> dict[str, float]:

@@ -6,24 +6,16 @@ import json
 import sys
 import tempfile
 
-from datasets import Dataset
-
 from rspo.checkpoint import load_policy
-from rspo.integrations.trl import RSPOConfig, RSPOTrainer
-from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer, countdown_dataset, countdown_reward_func
+from rspo.tasks.countdown import CountdownSplits
 
 policy, out = sys.argv[1], sys.argv[2]
 model, tok = load_policy(policy)
 stream = CountdownSplits().train_stream(seed=0)
 rows = [next(stream) for _ in range(32)]
-data = Dataset.from_dict({"prompt": [make_prompt(p) for p in rows], "numbers": [list(p.numbers) for p in rows],
-                          "target": [p.target for p in rows]})  # fmt: skip
-reward = CountdownReward()
-
-
-def countdown_reward(prompts, completions, numbers, target, **kw):
-    return [reward(c, Problem(tuple(n), t)) for c, n, t in zip(completions, numbers, target, strict=True)]
-
+data = countdown_dataset(rows)
+countdown_reward = countdown_reward_func()
 
 args = RSPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, gradient_checkpointing=False,
                   per_device_train_batch_size=4, steps_per_generation=2, num_generations=4, max_completion_length=14,

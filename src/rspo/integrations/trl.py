@@ -34,10 +34,36 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from rspo.objectives import compute_policy_loss, get_objective, list_objectives
-from rspo.routing import MoERouters, RouterTrace, non_shifted_ratio, router_shift_ratio, router_shift_ratio_with_grad
+from rspo.routing import (
+    MoERouters,
+    RouterTrace,
+    gamma_metrics,
+    non_shifted_ratio,
+    router_shift_ratio,
+    router_shift_ratio_with_grad,
+)
+from rspo.tasks.countdown import CountdownReward, Problem, make_prompt
+
+
+def countdown_dataset(problems: list[Problem]) -> Dataset:
+    """A TRL prompt dataset of Countdown problems (columns prompt, numbers, target)."""
+    return Dataset.from_dict({"prompt": [make_prompt(p) for p in problems],
+                              "numbers": [list(p.numbers) for p in problems],
+                              "target": [p.target for p in problems]})  # fmt: skip
+
+
+def countdown_reward_func(reward: CountdownReward | None = None):
+    """A TRL reward function scoring completions of :func:`countdown_dataset` prompts."""
+    reward = reward or CountdownReward()
+
+    def countdown_reward(prompts, completions, numbers, target, **kwargs) -> list[float]:
+        return [reward(c, Problem(tuple(n), t)) for c, n, t in zip(completions, numbers, target, strict=True)]
+
+    return countdown_reward
 
 
 @dataclass
@@ -206,7 +232,7 @@ class RSPOTrainer(GRPOTrainer):
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         sel = mask > 0
-        metrics["router/gamma_mean"] = float(gamma.detach()[sel].mean())
+        metrics.update(gamma_metrics(gamma, mask, args.router_shift_gamma_min))
         metrics["router/non_shifted_ratio"] = non_shifted_ratio(trace.topk_idx, cur.topk_idx, mask)
         metrics["entropy"] = float(entropies.detach()[sel].mean())
         keys = sorted(metrics)  # one gather for all metrics (a process-group call per metric would be slow)

@@ -5,6 +5,7 @@ from rspo.routing.families import FAMILIES, RouterFamily, RouterProb, family_of
 from rspo.routing.shift import (
     ExpertAgg,
     LayerAgg,
+    gamma_metrics,
     non_shifted_ratio,
     router_clip_mask,
     router_shift_log_ratio,
@@ -22,6 +23,7 @@ __all__ = [
     "RouterProb",
     "RouterTrace",
     "family_of",
+    "gamma_metrics",
     "index_dtype",
     "non_shifted_ratio",
     "router_clip_mask",

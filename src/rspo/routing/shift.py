@@ -120,6 +120,30 @@ def router_clip_mask(gamma: Tensor, response_mask: Tensor, threshold: float) -> 
     return (gamma < threshold) & (response_mask > 0)
 
 
+def gamma_metrics(
+    gamma: Tensor, mask: Tensor, gamma_min: float | None = None, clip_threshold: float | None = None
+) -> dict[str, float]:
+    """Distribution of gamma over response tokens: ``router/gamma_{mean,p10,min}``, plus
+    ``router/gamma_at_floor`` (share at ``gamma_min``) and ``router/clip_frac`` (share below
+    ``clip_threshold``) when those are given. NaN (0 for shares) on an empty mask."""
+    with torch.no_grad():
+        g = gamma.detach()[mask > 0]
+        n = g.numel()
+        nan = float("nan")
+        out = {
+            "router/gamma_mean": float(g.mean()) if n else nan,
+            "router/gamma_p10": float(torch.quantile(g.double(), 0.1)) if n else nan,
+            "router/gamma_min": float(g.min()) if n else nan,
+        }
+        if gamma_min is not None:
+            # gamma_min is applied by max(); tokens at the floor equal it up to float rounding.
+            floor = torch.tensor(gamma_min, dtype=g.dtype)
+            out["router/gamma_at_floor"] = float((g <= floor).double().mean()) if n else 0.0
+        if clip_threshold is not None:
+            out["router/clip_frac"] = float((g < clip_threshold).double().mean()) if n else 0.0
+    return out
+
+
 def non_shifted_ratio(old_topk_idx: Tensor, new_topk_idx: Tensor, mask: Tensor) -> float:
     """Share of response tokens whose top-K expert *set* is unchanged in every MoE layer.
 
