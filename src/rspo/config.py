@@ -37,7 +37,8 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
-def _check(tp: Any, value: Any, where: str) -> Any:
+def check_value(tp: Any, value: Any, where: str) -> Any:
+    """``value`` checked against type ``tp`` (Literal, Optional, list, dataclass, ...); ConfigError names ``where``."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -55,7 +56,7 @@ def _check(tp: Any, value: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _check(a, value, where)
+                return check_value(a, value, where)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}={value!r} matches none of {tp}")
@@ -63,7 +64,7 @@ def _check(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         (inner, *_) = get_args(tp) or (Any,)
-        out = [_check(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [check_value(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return out if origin is list else tuple(out)
     if origin is dict:
         if not isinstance(value, dict):
@@ -104,7 +105,7 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         prefix = f"{where}." if where else ""
         raise ConfigError(f"unknown config field(s) {[prefix + k for k in unknown]}; valid fields of "
                           f"{where or cls.__name__}: {', '.join(names)}")  # fmt: skip
-    kwargs = {k: _check(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {k: check_value(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError:

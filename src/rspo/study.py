@@ -158,13 +158,19 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def summarize(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
+def load_runs(cfg: StudyConfig) -> dict[tuple[str, int], list[dict]]:
+    """Every run's metrics rows, read once: {(arm, seed): rows} ([] for a run not started)."""
+    return {(arm, seed): _load(Path(cfg.out_dir) / arm / f"seed{seed}") for arm in cfg.arms for seed in cfg.seeds}
+
+
+def summarize(cfg: StudyConfig, runs: dict[tuple[str, int], list[dict]] | None = None) -> dict[str, dict[str, Any]]:
     """Per arm: final/best validation accuracy over seeds, collapses, steps to reach, clip fraction, ratio std."""
+    runs = load_runs(cfg) if runs is None else runs
     table: dict[str, dict[str, Any]] = {}
     for arm in cfg.arms:
         per_seed = []
         for seed in cfg.seeds:
-            rows = _load(Path(cfg.out_dir) / arm / f"seed{seed}")
+            rows = runs[arm, seed]
             val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
             if not val:
                 continue
@@ -215,14 +221,15 @@ def write_report(study_dir: str | Path, command: str | None = None, out: str | P
     cfg.out_dir = str(study_dir)
     out_dir = Path(out) if out is not None else study_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = summarize(cfg)
+    runs = load_runs(cfg)
+    table = summarize(cfg, runs)
     # curves with a band (min..max over seeds) per arm
     n = len(CURVES)
     cols = 4
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(20, 4.2 * math.ceil(n / cols)))
     for ax, (key, title, smooth) in zip(axes.flat, CURVES, strict=False):
         for arm in table:
-            seeds = [_series(_load(study_dir / arm / f"seed{s}"), key, smooth) for s in cfg.seeds]
+            seeds = [_series(runs[arm, s], key, smooth) for s in cfg.seeds]
             seeds = [s for s in seeds if s]
             if not seeds:
                 continue
@@ -246,7 +253,7 @@ def write_report(study_dir: str | Path, command: str | None = None, out: str | P
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
     for arm in table:
         for j, key in enumerate(("offpolicy/router_gamma_mean", "router/gamma_p10")):
-            vals = [r[key] for s in cfg.seeds for r in _load(study_dir / arm / f"seed{s}") if key in r]
+            vals = [r[key] for s in cfg.seeds for r in runs[arm, s] if key in r]
             if vals:
                 ax[j].hist(vals, bins=40, alpha=0.5, label=arm)
                 ax[j].set_title(f"distribution over steps of {key}", fontsize=10)

@@ -8,6 +8,53 @@ from typing import Literal
 from rspo.objectives import get_objective, list_objectives
 
 
+def resolve_router_shift(objective: str, enabled: bool | None) -> bool:
+    """Whether ``objective`` uses router shift: ``None`` means on for rspo (which needs it), off otherwise."""
+    use = get_objective(objective).router_shift
+    if enabled is None:
+        return use == "required"
+    if use == "required" and not enabled:
+        raise ValueError(f"objective {objective!r} needs router shift (use gmpo without it)")
+    if use == "none" and enabled:
+        raise ValueError(f"objective {objective!r} cannot use router shift (use rspo for gmpo + RS)")
+    return enabled
+
+
+def objective_hparams(
+    objective: str,
+    *,
+    clip_low: float | None,
+    clip_high: float | None,
+    loss_agg: str | None,
+    norm_length: float,
+    router_shift: bool,
+    placement: str,
+    stop_gradient: bool,
+    gamma_min: float,
+    form: str,
+    clip_threshold: float | None = None,
+    clip_drop: bool = False,
+) -> dict:
+    """Keyword hyperparameters for rspo.objectives.compute_policy_loss from config values (None = the
+    objective's default); ``norm_length`` is used only with loss_agg='seq-mean-token-sum-norm'."""
+    hp: dict = {
+        k: v for k, v in (("clip_low", clip_low), ("clip_high", clip_high), ("loss_agg", loss_agg)) if v is not None
+    }
+    if loss_agg == "seq-mean-token-sum-norm":
+        hp["norm_length"] = float(norm_length)
+    if router_shift:
+        hp.update(
+            router_shift_placement=placement,
+            router_shift_grad=not stop_gradient,
+            gamma_min=gamma_min,
+            router_clip_threshold=clip_threshold,
+            router_clip_drop=clip_drop,
+        )
+        if objective == "rspo":
+            hp["router_shift_form"] = form
+    return hp  # fmt: skip
+
+
 @dataclass
 class ObjectiveConfig:
     name: str = "rspo"
@@ -176,13 +223,7 @@ class TrainConfig:
             raise ValueError("steps, ppo_epochs and threads must be >= 1")
         if not 0 < self.collapse_drop < 1:
             raise ValueError(f"collapse_drop must be in (0, 1), got {self.collapse_drop}")
-        use = get_objective(self.objective.name).router_shift
-        if self.router_shift.enabled is None:
-            self.router_shift.enabled = use == "required"
-        if use == "required" and not self.router_shift.enabled:
-            raise ValueError(f"objective {self.objective.name!r} needs router_shift.enabled=true (use gmpo without it)")
-        if use == "none" and self.router_shift.enabled:
-            raise ValueError(f"objective {self.objective.name!r} cannot use router shift (use rspo for gmpo + RS)")
+        self.router_shift.enabled = resolve_router_shift(self.objective.name, self.router_shift.enabled)
         if self.router_shift.form != "weight" and self.objective.name != "rspo":
             raise ValueError("router_shift.form applies to the rspo objective only")
 
@@ -197,20 +238,9 @@ class TrainConfig:
     def objective_hparams(self) -> dict:
         """The keyword hyperparameters passed to rspo.objectives.compute_policy_loss."""
         o, rs = self.objective, self.router_shift
-        hp: dict = {}
-        for k in ("clip_low", "clip_high", "loss_agg"):
-            if getattr(o, k) is not None:
-                hp[k] = getattr(o, k)
-        if o.loss_agg == "seq-mean-token-sum-norm":
-            hp["norm_length"] = o.norm_length or float(self.rollout.max_new_tokens)
-        if rs.enabled:
-            hp.update(
-                router_shift_placement=rs.placement,
-                router_shift_grad=not rs.stop_gradient,
-                gamma_min=rs.gamma_min,
-                router_clip_threshold=rs.clip_threshold,
-                router_clip_drop=rs.clip_drop,
-            )
-            if self.objective.name == "rspo":
-                hp["router_shift_form"] = rs.form
-        return hp
+        return objective_hparams(
+            o.name, clip_low=o.clip_low, clip_high=o.clip_high, loss_agg=o.loss_agg,
+            norm_length=o.norm_length or self.rollout.max_new_tokens, router_shift=rs.enabled,
+            placement=rs.placement, stop_gradient=rs.stop_gradient, gamma_min=rs.gamma_min, form=rs.form,
+            clip_threshold=rs.clip_threshold, clip_drop=rs.clip_drop,
+        )  # fmt: skip

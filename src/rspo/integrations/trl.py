@@ -30,6 +30,8 @@ What the subclass changes, and nothing else:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,7 +39,8 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from rspo.objectives import compute_policy_loss, get_objective, list_objectives
+from rspo.config import check_value
+from rspo.objectives import compute_policy_loss, list_objectives
 from rspo.routing import (
     MoERouters,
     RouterTrace,
@@ -47,6 +50,7 @@ from rspo.routing import (
     router_shift_ratio_with_grad,
 )
 from rspo.tasks.countdown import CountdownReward, Problem, make_prompt
+from rspo.train_config import objective_hparams, resolve_router_shift
 
 
 def countdown_dataset(problems: list[Problem]) -> Dataset:
@@ -89,43 +93,24 @@ class RSPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        hints = typing.get_type_hints(RSPOConfig)
+        for f in dataclasses.fields(RSPOConfig):
+            if f.name in RSPO_FIELDS:
+                check_value(hints[f.name], getattr(self, f.name), f.name)  # Literal options, types
         if self.objective not in list_objectives():
             raise ValueError(f"objective={self.objective!r}; valid: {', '.join(list_objectives())}")
-        use = get_objective(self.objective).router_shift
-        if self.router_shift is None:
-            self.router_shift = use == "required"
-        if use == "required" and not self.router_shift:
-            raise ValueError(f"objective {self.objective!r} needs router_shift=True")
-        if use == "none" and self.router_shift:
-            raise ValueError(f"objective {self.objective!r} cannot use router shift (rspo = gmpo + router shift)")
-        for name, allowed in (("router_shift_expert_agg", ("log_mean", "mean_exp")),
-                              ("router_shift_layer_agg", ("geo_mean", "product")),
-                              ("router_shift_placement", ("after_clip", "before_clip")),
-                              ("router_shift_form", ("weight", "eq5_literal")),
-                              ("router_shift_prob", ("full", "topk_renorm")),
-                              ("routing_control", ("none", "freeze", "replay_logits", "replay_indices"))):  # fmt: skip
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; allowed values: {', '.join(allowed)}")
+        self.router_shift = resolve_router_shift(self.objective, self.router_shift)
 
     def objective_hparams(self) -> dict[str, Any]:
-        hp: dict[str, Any] = {}
-        if self.clip_low is not None:
-            hp["clip_low"] = self.clip_low
-        if self.clip_high is not None:
-            hp["clip_high"] = self.clip_high
-        if self.objective_loss_agg is not None:
-            hp["loss_agg"] = self.objective_loss_agg
-            if self.objective_loss_agg == "seq-mean-token-sum-norm":
-                hp["norm_length"] = float(self.max_completion_length)
-        if self.router_shift:
-            hp.update(
-                router_shift_placement=self.router_shift_placement,
-                router_shift_grad=not self.router_shift_stop_gradient,
-                gamma_min=self.router_shift_gamma_min,
-            )
-            if self.objective == "rspo":
-                hp["router_shift_form"] = self.router_shift_form
-        return hp
+        return objective_hparams(
+            self.objective, clip_low=self.clip_low, clip_high=self.clip_high, loss_agg=self.objective_loss_agg,
+            norm_length=self.max_completion_length, router_shift=self.router_shift,
+            placement=self.router_shift_placement, stop_gradient=self.router_shift_stop_gradient,
+            gamma_min=self.router_shift_gamma_min, form=self.router_shift_form,
+        )  # fmt: skip
+
+
+RSPO_FIELDS = {f.name for f in dataclasses.fields(RSPOConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
 class RSPOTrainer(GRPOTrainer):
