@@ -15,7 +15,7 @@ from tests.test_trainer import tiny_cfg
 def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
     base = tmp_path / "base.yaml"
     save_config(tiny_cfg(tiny_policy, tmp_path / "unused", steps=2, eval_every=1, eval_problems=4,
-                         checkpoint_every=1, log_grad_variance=True), base)  # fmt: skip
+                         eval_samples=2, checkpoint_every=1, log_grad_variance=True), base)  # fmt: skip
     cfg = build(StudyConfig, {"base_config": str(base), "out_dir": str(tmp_path / "study"), "seeds": [0, 1],
                               "parallel": 2, "arms": {"grpo": ["objective.name=grpo"], "rspo": ["objective.name=rspo"]},
                               "accuracy_levels": [0.0]})  # fmt: skip
@@ -24,6 +24,8 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
     for arm in ("grpo", "rspo"):
         rows = [json.loads(x) for x in (tmp_path / "study" / arm / "seed1" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [0, 1, 2] and "grad/minibatch_var" in rows[-1]
+        # sampled validation: 2 responses for each of the 4 problems, so pass@1 is a multiple of 1/8
+        assert all(round(r["val/accuracy_sampled"] * 8, 9).is_integer() for r in rows)
         saved = build(TrainConfig, __import__("yaml").safe_load((tmp_path / "study" / arm / "seed1" / "config.yaml")
                                                                 .read_text()))  # fmt: skip
         assert saved.seed == 1 and saved.objective.name == arm and saved.threads == 1
@@ -34,11 +36,36 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
     assert sum(v == "done (skipped)" for v in status.values()) == 3
     table = summarize(cfg)
     assert set(table) == {"grpo", "rspo"} and table["rspo"]["seeds"] == 2
+    last = [json.loads(x) for x in (tmp_path / "study" / "rspo" / "seed1" / "metrics.jsonl").read_text().splitlines()]
+    assert table["rspo"]["final_per_seed"][1] == last[-1]["val/accuracy"]
+    assert table["rspo"]["sampled"][0] == pytest.approx(
+        (metrics_last(tmp_path / "study" / "rspo" / "seed0") + last[-1]["val/accuracy_sampled"]) / 2, abs=1e-12
+    )
     report = write_report(tmp_path / "study", command="rspo study smoke.yaml")
     text = report.read_text()
     assert "| grpo |" in text and "| rspo |" in text and "Collapse rule" in text and "rspo study smoke.yaml" in text
     assert (tmp_path / "study" / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "study" / "gamma.png").is_file()
+    assert (tmp_path / "study" / "gamma.png").is_file() and (tmp_path / "study" / "final.png").is_file()
+
+    # a second study (one arm) whose report shows the first study's arms as references
+    ref = build(StudyConfig, {"base_config": str(base), "out_dir": str(tmp_path / "abl"), "seeds": [0],
+                              "arms": {"gmpo": ["objective.name=gmpo", "router_shift.enabled=false"]},
+                              "accuracy_levels": [0.0],
+                              "reference_dir": str(tmp_path / "study"), "reference_arms": ["grpo"]})  # fmt: skip
+    assert run_study(ref, progress=False) == {str(tmp_path / "abl" / "gmpo" / "seed0"): "done"}
+    table = summarize(ref)
+    assert list(table) == ["gmpo", "grpo (ref)"] and table["grpo (ref)"]["seeds"] == 2
+    text = write_report(tmp_path / "abl").read_text()
+    assert "| grpo (ref) | `objective.name=grpo` | 2 |" in text and "runs of `" in text
+    # references must come from a study with the same base config and common overrides, and name its arms
+    with pytest.raises(ValueError, match="reference_arms.*'nope'"):
+        summarize(build(StudyConfig, {**ref.__dict__, "reference_arms": ["nope"]}))
+    with pytest.raises(ValueError, match="not comparable"):
+        summarize(build(StudyConfig, {**ref.__dict__, "common": ["steps=3"]}))
+
+
+def metrics_last(run):
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val/accuracy_sampled"]
 
 
 def test_study_config_errors(tmp_path):
@@ -48,3 +75,5 @@ def test_study_config_errors(tmp_path):
         build(StudyConfig, {"arms": {"a b": []}})
     with pytest.raises(FileNotFoundError, match="not a study directory"):
         write_report(tmp_path)
+    with pytest.raises(ConfigError, match="reference_dir and study.reference_arms go together"):
+        build(StudyConfig, {"arms": {"a": []}, "reference_dir": "runs/x"})

@@ -43,6 +43,11 @@ class StudyConfig:
     """Validation accuracies for the steps-to-reach column of the report."""
     collapse_drop: float = 0.5
     """Collapse rule for the report: final validation accuracy below (1 - collapse_drop) x the best."""
+    reference_dir: str | None = None
+    """Another study directory whose ``reference_arms`` the report shows next to these arms (same
+    base config and common overrides required), e.g. ablations against the main arms."""
+    reference_arms: list[str] = field(default_factory=list)
+    """Arms of ``reference_dir`` to show (labelled ``<arm> (ref)``)."""
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -52,6 +57,8 @@ class StudyConfig:
         bad = [a for a in self.arms if not a.replace("-", "").replace("_", "").isalnum()]
         if bad:
             raise ValueError(f"arm names must be letters, digits, - and _: {bad}")
+        if bool(self.reference_dir) != bool(self.reference_arms):
+            raise ValueError("study.reference_dir and study.reference_arms go together (both set or neither)")
 
 
 def run_dirs(cfg: StudyConfig) -> list[tuple[str, int, Path]]:
@@ -91,10 +98,16 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
                 shutil.rmtree(run)
             cmd = [sys.executable, "-m", "rspo.cli", "train", cfg.base_config, *overrides]
         todo.append((run, cmd, steps))
-    bar = tqdm(total=total_steps, desc=f"study ({len(todo)} runs to go)", disable=not progress, unit="step")
-    running: list[tuple[Path, subprocess.Popen, int]] = []
     done_steps = {str(r): _steps_logged(r) for _, _, r in run_dirs(cfg)}
-    bar.update(sum(done_steps.values()))
+    # steps already done count as `initial`, so the rate and ETA cover this invocation's steps only
+    bar = tqdm(
+        total=total_steps,
+        initial=sum(done_steps.values()),
+        desc=f"study ({len(todo)} runs to go)",
+        disable=not progress,
+        unit="step",
+    )
+    running: list[tuple[Path, subprocess.Popen, int]] = []
     while todo or running:
         while todo and len(running) < cfg.parallel:
             run, cmd, steps = todo.pop(0)
@@ -125,6 +138,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
 CURVES = [
     ("reward/mean", "reward (mean, smoothed over 10 steps)", 10),
     ("val/accuracy", "validation accuracy (greedy)", 1),
+    ("val/accuracy_sampled", "validation accuracy (sampled at the rollout temperature)", 1),
     ("clip_ratio/region_mean", "clip fraction (active clip)", 10),
     ("offpolicy/ratio_std", "importance-ratio std (off-policy updates)", 10),
     ("offpolicy/ratio_max", "importance-ratio max (off-policy updates)", 10),
@@ -158,25 +172,52 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def load_runs(cfg: StudyConfig) -> dict[tuple[str, int], list[dict]]:
-    """Every run's metrics rows, read once: {(arm, seed): rows} ([] for a run not started)."""
-    return {(arm, seed): _load(Path(cfg.out_dir) / arm / f"seed{seed}") for arm in cfg.arms for seed in cfg.seeds}
+@dataclass
+class ArmRuns:
+    """One arm of a report: its overrides and every seed's metrics rows ([] for a run not started)."""
+
+    overrides: list[str]
+    runs: dict[int, list[dict]]
 
 
-def summarize(cfg: StudyConfig, runs: dict[tuple[str, int], list[dict]] | None = None) -> dict[str, dict[str, Any]]:
+def load_runs(cfg: StudyConfig) -> dict[str, ArmRuns]:
+    """Every run's metrics, read once: this study's arms, then the reference arms as ``<arm> (ref)``."""
+    arms = {
+        arm: ArmRuns(cfg.arms[arm], {s: _load(Path(cfg.out_dir) / arm / f"seed{s}") for s in cfg.seeds})
+        for arm in cfg.arms
+    }
+    if cfg.reference_dir:
+        ref_dir = Path(cfg.reference_dir)
+        if not (ref_dir / "study.yaml").is_file():
+            raise FileNotFoundError(f"study.reference_dir: {ref_dir} has no study.yaml: not a study directory")
+        ref = load_config(StudyConfig, ref_dir / "study.yaml")
+        if (ref.base_config, ref.common) != (cfg.base_config, cfg.common):
+            raise ValueError(
+                f"study.reference_dir: {ref_dir} ran base_config={ref.base_config} common={ref.common}, this study "
+                f"base_config={cfg.base_config} common={cfg.common}: its arms are not comparable"
+            )
+        missing = [a for a in cfg.reference_arms if a not in ref.arms]
+        if missing:
+            raise ValueError(f"study.reference_arms: {missing} not in {ref_dir} (arms: {list(ref.arms)})")
+        for arm in cfg.reference_arms:
+            arms[f"{arm} (ref)"] = ArmRuns(ref.arms[arm], {s: _load(ref_dir / arm / f"seed{s}") for s in ref.seeds})
+    return arms
+
+
+def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[str, dict[str, Any]]:
     """Per arm: final/best validation accuracy over seeds, collapses, steps to reach, clip fraction, ratio std."""
-    runs = load_runs(cfg) if runs is None else runs
+    arms = load_runs(cfg) if arms is None else arms
     table: dict[str, dict[str, Any]] = {}
-    for arm in cfg.arms:
+    for arm, a in arms.items():
         per_seed = []
-        for seed in cfg.seeds:
-            rows = runs[arm, seed]
+        for rows in a.runs.values():
             val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
             if not val:
                 continue
             best = max(v for _, v in val)
             final = val[-1][1]
             reach = {lvl: next((s for s, v in val if v >= lvl), None) for lvl in cfg.accuracy_levels}
+            sampled = [r["val/accuracy_sampled"] for r in rows if "val/accuracy_sampled" in r]
             upd = [r for r in rows if "clip_ratio/region_mean" in r]
 
             def avg(key, rows=upd):
@@ -185,7 +226,8 @@ def summarize(cfg: StudyConfig, runs: dict[tuple[str, int], list[dict]] | None =
 
             per_seed.append({
                 "final": final, "best": best, "collapsed": best >= 0.05 and final < (1 - cfg.collapse_drop) * best,
-                "reach": reach, "clip": avg("clip_ratio/region_mean"), "ratio_std": avg("offpolicy/ratio_std"),
+                "sampled": sampled[-1] if sampled else None, "reach": reach, "clip": avg("clip_ratio/region_mean"),
+                "ratio_std": avg("offpolicy/ratio_std"),
                 "gamma": avg("offpolicy/router_gamma_mean"), "nsr": avg("offpolicy/router_non_shifted_ratio"),
                 "gvar": avg("grad/minibatch_var"), "steps": rows[-1]["step"] if rows else 0,
             })  # fmt: skip
@@ -193,8 +235,11 @@ def summarize(cfg: StudyConfig, runs: dict[tuple[str, int], list[dict]] | None =
             continue
         table[arm] = {
             "seeds": len(per_seed),
+            "final_per_seed": [p["final"] for p in per_seed],
+            "best_per_seed": [p["best"] for p in per_seed],
             "final": _mean_std([p["final"] for p in per_seed]),
             "best": _mean_std([p["best"] for p in per_seed]),
+            "sampled": _mean_std([p["sampled"] for p in per_seed]),
             "collapsed": sum(p["collapsed"] for p in per_seed),
             "reach": {lvl: [p["reach"][lvl] for p in per_seed] for lvl in cfg.accuracy_levels},
             "clip": _mean_std([p["clip"] for p in per_seed]),
@@ -208,7 +253,7 @@ def summarize(cfg: StudyConfig, runs: dict[tuple[str, int], list[dict]] | None =
 
 
 def write_report(study_dir: str | Path, command: str | None = None, out: str | Path | None = None) -> Path:
-    """report.md and figures (curves.png, gamma.png) into ``out`` (default: ``study_dir``)."""
+    """report.md and figures (final.png, curves.png, gamma.png) into ``out`` (default: ``study_dir``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,15 +266,17 @@ def write_report(study_dir: str | Path, command: str | None = None, out: str | P
     cfg.out_dir = str(study_dir)
     out_dir = Path(out) if out is not None else study_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(cfg)
-    table = summarize(cfg, runs)
+    arms = load_runs(cfg)
+    table = summarize(cfg, arms)
+    colors = plt.get_cmap("tab20" if len(table) > 10 else "tab10").colors
+    color = {arm: colors[i % len(colors)] for i, arm in enumerate(table)}
     # curves with a band (min..max over seeds) per arm
     n = len(CURVES)
     cols = 4
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(20, 4.2 * math.ceil(n / cols)))
     for ax, (key, title, smooth) in zip(axes.flat, CURVES, strict=False):
         for arm in table:
-            seeds = [_series(runs[arm, s], key, smooth) for s in cfg.seeds]
+            seeds = [_series(rows, key, smooth) for rows in arms[arm].runs.values()]
             seeds = [s for s in seeds if s]
             if not seeds:
                 continue
@@ -237,8 +284,8 @@ def write_report(study_dir: str | Path, command: str | None = None, out: str | P
             mean = [statistics.mean(s[t] for s in seeds) for t in steps]
             lo = [min(s[t] for s in seeds) for t in steps]
             hi = [max(s[t] for s in seeds) for t in steps]
-            (line,) = ax.plot(steps, mean, label=arm, lw=1.3)
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.plot(steps, mean, label=arm, lw=1.3, color=color[arm], ls="--" if arm.endswith("(ref)") else "-")
+            ax.fill_between(steps, lo, hi, color=color[arm], alpha=0.12)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -253,13 +300,29 @@ def write_report(study_dir: str | Path, command: str | None = None, out: str | P
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
     for arm in table:
         for j, key in enumerate(("offpolicy/router_gamma_mean", "router/gamma_p10")):
-            vals = [r[key] for s in cfg.seeds for r in runs[arm, s] if key in r]
+            vals = [r[key] for rows in arms[arm].runs.values() for r in rows if key in r]
             if vals:
-                ax[j].hist(vals, bins=40, alpha=0.5, label=arm)
+                ax[j].hist(vals, bins=40, alpha=0.5, label=arm, color=color[arm])
                 ax[j].set_title(f"distribution over steps of {key}", fontsize=10)
     ax[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "gamma.png", dpi=100)
+    plt.close(fig)
+    # final and best validation accuracy: one dot per seed, a bar at the mean
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(table) + 2), 4.5))
+    for i, (arm, t) in enumerate(table.items()):
+        for dx, key, marker in ((-0.15, "final_per_seed", "o"), (0.15, "best_per_seed", "^")):
+            vals = t[key]
+            ax.scatter([i + dx] * len(vals), vals, color=color[arm], marker=marker, s=22, zorder=3)
+            ax.hlines(statistics.mean(vals), i + dx - 0.12, i + dx + 0.12, color="k", lw=1.5)
+    ax.scatter([], [], color="grey", marker="o", label="final (per seed; bar = mean)")
+    ax.scatter([], [], color="grey", marker="^", label="best (per seed; bar = mean)")
+    ax.set_xticks(range(len(table)), list(table), rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("greedy validation accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "final.png", dpi=100)
     plt.close(fig)
 
     def ms(x, pct=True):
@@ -268,31 +331,34 @@ def write_report(study_dir: str | Path, command: str | None = None, out: str | P
             return "n/a"
         return f"{m:.1%} +- {s:.1%}" if pct else f"{m:.4g} +- {s:.2g}"
 
+    ref = bool(cfg.reference_dir)
     lines = [
         "# Stability study",
         "",
         f"Generated by `rspo report {study_dir}{'' if out is None else f' --out {out}'}` from the runs of "
         f"`{command or 'rspo study <config>'}`.",
-        f"Base config `{cfg.base_config}`, common overrides `{' '.join(cfg.common) or '-'}`, seeds {cfg.seeds}.",
+        f"Base config `{cfg.base_config}`, common overrides `{' '.join(cfg.common) or '-'}`, seeds {cfg.seeds}."
+        + (f" Arms marked (ref) are the runs of `{cfg.reference_dir}`, same base config and overrides." * ref),
         "",
         f"Collapse rule: final validation accuracy below {1 - cfg.collapse_drop:.0%} of the run's best "
-        "(with best >= 5%). Validation: greedy accuracy on 200 held-out problems (+- about 3 points is noise).",
+        "(with best >= 5%). Validation: greedy accuracy on 200 held-out problems (+- about 3 points is noise); "
+        "sampled: pass@1 at the rollout temperature, `eval_samples` responses per problem (n/a when not logged).",
         "",
-        "| arm | overrides | seeds | steps | final val acc | best val acc | collapsed | "
+        "| arm | overrides | seeds | steps | final val acc | best val acc | final sampled val acc | collapsed | "
         + " | ".join(f"steps to {lvl:.0%}" for lvl in cfg.accuracy_levels)
         + " | clip fraction | ratio std (off-policy) | gamma (off-policy) | non-shifted ratio"
         + " | grad var across mini-batches |",
-        "|" + "---|" * (12 + len(cfg.accuracy_levels)),
+        "|" + "---|" * (13 + len(cfg.accuracy_levels)),
     ]
     for arm, t in table.items():
         reach = [", ".join("-" if s is None else str(s) for s in t["reach"][lvl]) for lvl in cfg.accuracy_levels]
         lines.append(
-            f"| {arm} | `{' '.join(cfg.arms[arm])}` | {t['seeds']} | {t['steps']} | {ms(t['final'])} | "
-            f"{ms(t['best'])} | "
+            f"| {arm} | `{' '.join(arms[arm].overrides)}` | {t['seeds']} | {t['steps']} | {ms(t['final'])} | "
+            f"{ms(t['best'])} | {ms(t['sampled'])} | "
             f"{t['collapsed']}/{t['seeds']} | " + " | ".join(reach) + f" | {ms(t['clip'], False)} | "
             f"{ms(t['ratio_std'], False)} | {ms(t['gamma'], False)} | {ms(t['nsr'], False)} | {ms(t['gvar'], False)} |"
         )
-    lines += ["", "![curves](curves.png)", "", "![gamma](gamma.png)", ""]
+    lines += ["", "![final](final.png)", "", "![curves](curves.png)", "", "![gamma](gamma.png)", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     return report

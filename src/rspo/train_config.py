@@ -190,6 +190,9 @@ class TrainConfig:
     """Steps between greedy validation-accuracy checks (0 = never)."""
     eval_problems: int = 200
     """Validation problems per check."""
+    eval_samples: int = 0
+    """Also log ``val/accuracy_sampled``: pass@1 of this many responses per validation problem sampled at
+    the rollout temperature (fixed seeds, so checks are comparable); 0 = greedy accuracy only."""
     checkpoint_every: int = 10
     """Steps between checkpoints (the last step always writes one)."""
     collapse_drop: float = 0.5
@@ -221,6 +224,9 @@ class TrainConfig:
             )
         if self.steps < 1 or self.ppo_epochs < 1 or self.threads < 1:
             raise ValueError("steps, ppo_epochs and threads must be >= 1")
+        if self.eval_samples < 0 or self.eval_problems < 1:
+            raise ValueError(f"eval_samples must be >= 0 and eval_problems >= 1, got {self.eval_samples}, "
+                             f"{self.eval_problems}")  # fmt: skip
         if not 0 < self.collapse_drop < 1:
             raise ValueError(f"collapse_drop must be in (0, 1), got {self.collapse_drop}")
         self.router_shift.enabled = resolve_router_shift(self.objective.name, self.router_shift.enabled)

@@ -341,10 +341,15 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         val = self.splits.validation[: self.cfg.eval_problems]
         acc = evaluate(self.model, self.tok, val, greedy=True).accuracy
+        rec = {"val/accuracy": acc}
+        if self.cfg.eval_samples:
+            sampled = evaluate(self.model, self.tok, list(val) * self.cfg.eval_samples, greedy=False,
+                               temperature=self.cfg.rollout.temperature, seed=self.cfg.seed)  # fmt: skip
+            rec["val/accuracy_sampled"] = sampled.accuracy
         self.model.train()
         self.last_val = acc
         self.best_val = max(self.best_val, acc)
-        rec = {"val/accuracy": acc, "val/best": self.best_val, "val/collapsed": 0.0}
+        rec |= {"val/best": self.best_val, "val/collapsed": 0.0}
         if self.best_val >= 0.05 and acc < (1 - self.cfg.collapse_drop) * self.best_val:
             rec["val/collapsed"] = 1.0
             if self.collapse_step is None:
