@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rspo-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint study clean
 
 $(STAMP): pyproject.toml requirements-outside.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,16 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/rspo demo
+
+# The stability study (issue 6), all four grids and their reports in docs/study/ (about 2.5 h on
+# 2 cores; resumable: finished runs are skipped). The ablations' report reads the main arms' runs.
+STUDIES := countdown countdown-mild countdown-collapse ablations
+study: $(STAMP)
+	for s in $(STUDIES); do \
+	  $(VENV)/bin/rspo study configs/study-$$s.yaml && \
+	  $(VENV)/bin/rspo report runs/study-$$s --out docs/study/$$s \
+	    --command-line "rspo study configs/study-$$s.yaml" || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

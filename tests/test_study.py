@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -77,3 +78,25 @@ def test_study_config_errors(tmp_path):
         write_report(tmp_path)
     with pytest.raises(ConfigError, match="reference_dir and study.reference_arms go together"):
         build(StudyConfig, {"arms": {"a": []}, "reference_dir": "runs/x"})
+
+
+def test_summarize_hand_computed_rows():
+    """final / last-3-checks mean / best / collapse / steps-to-reach / update averages on hand-made rows."""
+    from rspo.study import ArmRuns
+
+    def rows(vals, clip):
+        out = [{"step": 0, "val/accuracy": vals[0]}]
+        for i, v in enumerate(vals[1:], start=1):
+            out.append({"step": i, "clip_ratio/region_mean": clip * i, "val/accuracy": v})
+        return out
+
+    cfg = build(StudyConfig, {"arms": {"a": []}, "accuracy_levels": [0.3]})
+    arms = {"a": ArmRuns([], {0: rows([0.2, 0.3, 0.1, 0.5, 0.2], 0.1), 1: rows([0.2, 0.25, 0.2, 0.2, 0.05], 0.3)})}
+    t = summarize(cfg, arms)["a"]
+    assert t["final_per_seed"] == [0.2, 0.05] and t["best_per_seed"] == [0.5, 0.25]
+    assert t["final"][0] == pytest.approx(0.125, abs=1e-12)
+    assert t["late"][0] == pytest.approx(((0.1 + 0.5 + 0.2) / 3 + (0.2 + 0.2 + 0.05) / 3) / 2, abs=1e-12)
+    assert t["collapsed"] == 2  # 0.2 < 0.5 * 0.5 and 0.05 < 0.5 * 0.25
+    assert t["reach"][0.3] == [1, None]
+    assert t["clip"][0] == pytest.approx((0.25 + 0.75) / 2, abs=1e-12)  # mean over steps 1..4, then over seeds
+    assert math.isnan(t["sampled"][0])  # no sampled checks logged

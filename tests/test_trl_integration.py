@@ -173,11 +173,16 @@ def test_two_cpu_processes(tiny_policy, tmp_path):
 
     script = Path(__file__).resolve().parent / "scripts" / "trl_two_process.py"
     out = tmp_path / "two.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+
+    with socket.socket() as s:  # a free port: a fixed one can still be taken (TIME_WAIT, another run)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(script), tiny_policy, str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["processes"] == 2
     g = res["gammas"]
-    assert len(g) == 4 and g[0] == 1.0 and g[2] == 1.0 and g[1] < 1.0 and g[3] < 1.0
+    assert len(g) == 4 and g[0] == 1.0 and g[2] == 1.0 and g[1] < 1.0 and g[3] < 1.0, g

@@ -151,6 +151,10 @@ CURVES = [
 ]
 
 
+LATE_CHECKS = 3
+"""The report's less noisy accuracy: the mean of each run's last LATE_CHECKS validation checks."""
+
+
 def _load(run: Path) -> list[dict]:
     f = run / "metrics.jsonl"
     return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
@@ -226,6 +230,7 @@ def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[
 
             per_seed.append({
                 "final": final, "best": best, "collapsed": best >= 0.05 and final < (1 - cfg.collapse_drop) * best,
+                "late": statistics.mean(v for _, v in val[-LATE_CHECKS:]) if len(val) > LATE_CHECKS else None,
                 "sampled": sampled[-1] if sampled else None, "reach": reach, "clip": avg("clip_ratio/region_mean"),
                 "ratio_std": avg("offpolicy/ratio_std"),
                 "gamma": avg("offpolicy/router_gamma_mean"), "nsr": avg("offpolicy/router_non_shifted_ratio"),
@@ -239,6 +244,7 @@ def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[
             "best_per_seed": [p["best"] for p in per_seed],
             "final": _mean_std([p["final"] for p in per_seed]),
             "best": _mean_std([p["best"] for p in per_seed]),
+            "late": _mean_std([p["late"] for p in per_seed]),
             "sampled": _mean_std([p["sampled"] for p in per_seed]),
             "collapsed": sum(p["collapsed"] for p in per_seed),
             "reach": {lvl: [p["reach"][lvl] for p in per_seed] for lvl in cfg.accuracy_levels},
@@ -344,16 +350,18 @@ def write_report(study_dir: str | Path, command: str | None = None, out: str | P
         "(with best >= 5%). Validation: greedy accuracy on 200 held-out problems (+- about 3 points is noise); "
         "sampled: pass@1 at the rollout temperature, `eval_samples` responses per problem (n/a when not logged).",
         "",
-        "| arm | overrides | seeds | steps | final val acc | best val acc | final sampled val acc | collapsed | "
+        f"| arm | overrides | seeds | steps | final val acc | val acc, last {LATE_CHECKS} checks | best val acc | "
+        "final sampled val acc | collapsed | "
         + " | ".join(f"steps to {lvl:.0%}" for lvl in cfg.accuracy_levels)
         + " | clip fraction | ratio std (off-policy) | gamma (off-policy) | non-shifted ratio"
         + " | grad var across mini-batches |",
-        "|" + "---|" * (13 + len(cfg.accuracy_levels)),
+        "|" + "---|" * (14 + len(cfg.accuracy_levels)),
     ]
     for arm, t in table.items():
         reach = [", ".join("-" if s is None else str(s) for s in t["reach"][lvl]) for lvl in cfg.accuracy_levels]
         lines.append(
             f"| {arm} | `{' '.join(arms[arm].overrides)}` | {t['seeds']} | {t['steps']} | {ms(t['final'])} | "
+            f"{ms(t['late'])} | "
             f"{ms(t['best'])} | {ms(t['sampled'])} | "
             f"{t['collapsed']}/{t['seeds']} | " + " | ".join(reach) + f" | {ms(t['clip'], False)} | "
             f"{ms(t['ratio_std'], False)} | {ms(t['gamma'], False)} | {ms(t['nsr'], False)} | {ms(t['gvar'], False)} |"
