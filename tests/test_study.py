@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from rspo.config import ConfigError, build, save_config
 from rspo.study import StudyConfig, run_study, summarize, write_report
 from rspo.train_config import TrainConfig
-from tests.test_trainer import tiny_cfg
+from tests.test_trainer import metrics, tiny_cfg
 
 
 def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
@@ -23,7 +22,7 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
     status = run_study(cfg, progress=False)
     assert sorted(status.values()) == ["done"] * 4, status
     for arm in ("grpo", "rspo"):
-        rows = [json.loads(x) for x in (tmp_path / "study" / arm / "seed1" / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics(tmp_path / "study" / arm / "seed1")
         assert [r["step"] for r in rows] == [0, 1, 2] and "grad/minibatch_var" in rows[-1]
         # sampled validation: 2 responses for each of the 4 problems, so pass@1 is a multiple of 1/8
         assert all(round(r["val/accuracy_sampled"] * 8, 9).is_integer() for r in rows)
@@ -37,10 +36,10 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
     assert sum(v == "done (skipped)" for v in status.values()) == 3
     table = summarize(cfg)
     assert set(table) == {"grpo", "rspo"} and table["rspo"]["seeds"] == 2
-    last = [json.loads(x) for x in (tmp_path / "study" / "rspo" / "seed1" / "metrics.jsonl").read_text().splitlines()]
-    assert table["rspo"]["final_per_seed"][1] == last[-1]["val/accuracy"]
+    last = [metrics(tmp_path / "study" / "rspo" / f"seed{s}")[-1] for s in (0, 1)]
+    assert table["rspo"]["final_per_seed"][1] == last[1]["val/accuracy"]
     assert table["rspo"]["sampled"][0] == pytest.approx(
-        (metrics_last(tmp_path / "study" / "rspo" / "seed0") + last[-1]["val/accuracy_sampled"]) / 2, abs=1e-12
+        (last[0]["val/accuracy_sampled"] + last[1]["val/accuracy_sampled"]) / 2, abs=1e-12
     )
     report = write_report(tmp_path / "study", command="rspo study smoke.yaml")
     text = report.read_text()
@@ -63,10 +62,6 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
         summarize(build(StudyConfig, {**ref.__dict__, "reference_arms": ["nope"]}))
     with pytest.raises(ValueError, match="not comparable"):
         summarize(build(StudyConfig, {**ref.__dict__, "common": ["steps=3"]}))
-
-
-def metrics_last(run):
-    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val/accuracy_sampled"]
 
 
 def test_study_config_errors(tmp_path):

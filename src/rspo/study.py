@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,12 +185,18 @@ class ArmRuns:
     runs: dict[int, list[dict]]
 
 
+def _arm_runs(study: StudyConfig, names: Iterable[str]) -> dict[str, ArmRuns]:
+    """``names`` (arms of ``study``, in that order) with every seed's metrics, read once."""
+    arms = {arm: ArmRuns(study.arms[arm], {}) for arm in names}
+    for arm, seed, run in run_dirs(study):
+        if arm in arms:
+            arms[arm].runs[seed] = _load(run)
+    return arms
+
+
 def load_runs(cfg: StudyConfig) -> dict[str, ArmRuns]:
     """Every run's metrics, read once: this study's arms, then the reference arms as ``<arm> (ref)``."""
-    arms = {
-        arm: ArmRuns(cfg.arms[arm], {s: _load(Path(cfg.out_dir) / arm / f"seed{s}") for s in cfg.seeds})
-        for arm in cfg.arms
-    }
+    arms = _arm_runs(cfg, cfg.arms)
     if cfg.reference_dir:
         ref_dir = Path(cfg.reference_dir)
         if not (ref_dir / "study.yaml").is_file():
@@ -203,8 +210,8 @@ def load_runs(cfg: StudyConfig) -> dict[str, ArmRuns]:
         missing = [a for a in cfg.reference_arms if a not in ref.arms]
         if missing:
             raise ValueError(f"study.reference_arms: {missing} not in {ref_dir} (arms: {list(ref.arms)})")
-        for arm in cfg.reference_arms:
-            arms[f"{arm} (ref)"] = ArmRuns(ref.arms[arm], {s: _load(ref_dir / arm / f"seed{s}") for s in ref.seeds})
+        ref.out_dir = str(ref_dir)
+        arms |= {f"{arm} (ref)": runs for arm, runs in _arm_runs(ref, cfg.reference_arms).items()}
     return arms
 
 
