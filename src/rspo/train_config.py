@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rspo.objectives import get_objective, list_objectives
+from rspo.objectives import LossAgg, RouterShiftForm, RouterShiftPlacement, get_objective, list_objectives
+from rspo.routing.families import RouterProb
+from rspo.routing.shift import ExpertAgg, LayerAgg
+
+RoutingControl = Literal["none", "freeze", "replay_logits", "replay_indices"]
 
 
 def resolve_router_shift(objective: str, enabled: bool | None) -> bool:
@@ -63,7 +67,7 @@ class ObjectiveConfig:
     """Lower clip (ratio space for grpo/gspo, log space for gmpo/rspo); None = the objective's default."""
     clip_high: float | None = None
     """Upper clip; None = the objective's default (DAPO clip-higher: grpo with 0.28)."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
+    loss_agg: LossAgg | None = None
     """Token aggregation for grpo / gspo_token; None = default (seq-mean-token-mean). Error for others."""
     norm_length: float | None = None
     """Dr. GRPO's constant normaliser (with loss_agg=seq-mean-token-sum-norm); None = rollout.max_new_tokens."""
@@ -80,21 +84,21 @@ class ObjectiveConfig:
 class RouterShiftConfig:
     enabled: bool | None = None
     """Weight tokens by gamma; None = on for rspo (required there), off otherwise (GRPO+RS / GSPO+RS: true)."""
-    expert_agg: Literal["log_mean", "mean_exp"] = "log_mean"
+    expert_agg: ExpertAgg = "log_mean"
     """Aggregation over the K old experts: paper Eq. 6 (log_mean) or the paper's snippet (mean_exp)."""
-    layer_agg: Literal["geo_mean", "product"] = "geo_mean"
+    layer_agg: LayerAgg = "geo_mean"
     """Aggregation over MoE layers: Eq. 6's geometric mean, or a product."""
     gamma_min: float = 0.5
     """Floor of gamma."""
-    placement: Literal["after_clip", "before_clip"] = "after_clip"
+    placement: RouterShiftPlacement = "after_clip"
     """Where gamma enters: after token clipping (paper text, snippet) or before (ACL abstract)."""
-    form: Literal["weight", "eq5_literal"] = "weight"
+    form: RouterShiftForm = "weight"
     """rspo only: multiply by gamma for both advantage signs, or Eq. 5 read literally (gamma^sgn(A))."""
     stop_gradient: bool = True
     """False is the paper's collapsing ablation: gradients flow through gamma into the router."""
     top_k: int | None = None
     """K old experts per layer; None = the model's experts-per-token."""
-    prob: Literal["full", "topk_renorm"] = "full"
+    prob: RouterProb = "full"
     """Router probability: full softmax (sigmoid score) or renormalised over the old top-K."""
     clip_threshold: float | None = None
     """Report the share of tokens with gamma below this (the snippet's router_clip_mask)."""
@@ -110,7 +114,7 @@ class RouterShiftConfig:
 
 @dataclass
 class RoutingConfig:
-    control: Literal["none", "freeze", "replay_logits", "replay_indices"] = "none"
+    control: RoutingControl = "none"
     """Routing-control baseline: router freezing, routing replay (copy old logits / reuse old indices)."""
     aux_loss_coef: float = 0.0
     """Router load-balancing auxiliary loss coefficient (transformers' aux_loss); 0 = off."""

@@ -33,16 +33,19 @@ import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from rspo.config import check_value
-from rspo.objectives import compute_policy_loss, list_objectives
+from rspo.objectives import LossAgg, RouterShiftForm, RouterShiftPlacement, compute_policy_loss, list_objectives
 from rspo.routing import (
+    ExpertAgg,
+    LayerAgg,
     MoERouters,
+    RouterProb,
     RouterTrace,
     gamma_metrics,
     non_shifted_ratio,
@@ -50,7 +53,7 @@ from rspo.routing import (
     router_shift_ratio_with_grad,
 )
 from rspo.tasks.countdown import CountdownReward, Problem, make_prompt
-from rspo.train_config import objective_hparams, resolve_router_shift
+from rspo.train_config import RoutingControl, objective_hparams, resolve_router_shift
 
 
 def countdown_dataset(problems: list[Problem]) -> Dataset:
@@ -77,19 +80,19 @@ class RSPOConfig(GRPOConfig):
         default=None, metadata={"help": "objective.clip_low (None: the objective's default)"}
     )
     clip_high: float | None = field(default=None, metadata={"help": "objective.clip_high"})
-    objective_loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = field(
+    objective_loss_agg: LossAgg | None = field(
         default=None, metadata={"help": "objective.loss_agg for grpo / gspo_token"}
     )
     router_shift: bool | None = field(default=None, metadata={"help": "router_shift.enabled (None: on for rspo)"})
-    router_shift_expert_agg: Literal["log_mean", "mean_exp"] = "log_mean"
-    router_shift_layer_agg: Literal["geo_mean", "product"] = "geo_mean"
+    router_shift_expert_agg: ExpertAgg = "log_mean"
+    router_shift_layer_agg: LayerAgg = "geo_mean"
     router_shift_gamma_min: float = 0.5
-    router_shift_placement: Literal["after_clip", "before_clip"] = "after_clip"
-    router_shift_form: Literal["weight", "eq5_literal"] = "weight"
+    router_shift_placement: RouterShiftPlacement = "after_clip"
+    router_shift_form: RouterShiftForm = "weight"
     router_shift_stop_gradient: bool = True
     router_shift_top_k: int | None = None
-    router_shift_prob: Literal["full", "topk_renorm"] = "full"
-    routing_control: Literal["none", "freeze", "replay_logits", "replay_indices"] = "none"
+    router_shift_prob: RouterProb = "full"
+    routing_control: RoutingControl = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
