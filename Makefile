@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml requirements-outside.txt
 
 install: $(STAMP)
 
+# --overwrite: a second `make demo` replaces the first one's output (only files the demo wrote).
 demo: $(STAMP)
-	$(VENV)/bin/rspo demo
+	$(VENV)/bin/rspo demo --overwrite
 
 # The stability study (issue 6), all four grids and their reports in docs/study/ (about 2.5 h on
 # 2 cores; resumable: finished runs are skipped). The ablations' report reads the main arms' runs.
@@ -26,7 +27,7 @@ STUDIES := countdown countdown-mild countdown-collapse ablations
 study: $(STAMP)
 	for s in $(STUDIES); do \
 	  $(VENV)/bin/rspo study configs/study-$$s.yaml && \
-	  $(VENV)/bin/rspo report runs/study-$$s --out docs/study/$$s \
+	  $(VENV)/bin/rspo report runs/study-$$s --out docs/study/$$s --overwrite \
 	    --command-line "rspo study configs/study-$$s.yaml" || exit 1; \
 	done
 

@@ -23,6 +23,7 @@ import torch
 
 from rspo.checkpoint import BASE_POLICY_DIR, load_policy
 from rspo.config import build
+from rspo.rundir import read_metrics
 from rspo.tasks.countdown import CountdownSplits
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
@@ -41,9 +42,7 @@ def run_ours(model_dir: str, steps: int, work: Path) -> float:
     t0 = time.perf_counter()
     tr.train()
     dt = time.perf_counter() - t0
-    import json
-
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     tokens = sum(r["response/length_mean"] * PROMPTS * GROUP for r in rows)
     shutil.rmtree(out, ignore_errors=True)
     return tokens / dt

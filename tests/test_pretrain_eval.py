@@ -61,10 +61,12 @@ def test_eval_cli_writes_jsonl(tmp_path, capsys):
 
 
 def test_load_policy_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    from rspo.errors import ModelError
+
+    with pytest.raises(ModelError, match="does not exist"):
         load_policy(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelError, match="no config.json"):
         load_policy(tmp_path / "empty")
     assert main(["eval", "--model", str(tmp_path / "nope")]) == 2
 

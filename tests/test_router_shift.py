@@ -39,7 +39,7 @@ def hand():
     [
         ("log_mean", "geo_mean", 0.5, 2**-0.75),
         ("log_mean", "product", 0.5, 0.5),
-        ("log_mean", "product", 0.0, 2**-1.5),
+        ("log_mean", "product", 1e-12, 2**-1.5),
         ("mean_exp", "geo_mean", 0.5, 0.375**0.5),
         ("mean_exp", "product", 0.2, 0.375),
         ("mean_exp", "product", 0.8, 0.8),
@@ -56,7 +56,7 @@ def test_eps_clamp():
     # old probability 0 (log = -inf) is clamped at eps=1e-4: d = |log 0.01 - log 1e-4| = log 100
     old = torch.tensor([[[[-math.inf]]]], dtype=F64)
     new = torch.log(torch.tensor([[[[0.01]]]], dtype=F64))
-    g = router_shift_ratio(old, new, eps=1e-4, gamma_min=0.0)
+    g = router_shift_ratio(old, new, eps=1e-4, gamma_min=1e-12)
     assert g.item() == pytest.approx(0.01, abs=1e-12)
 
 
@@ -71,9 +71,9 @@ def test_identity_gives_exactly_one_and_is_detached():
 def test_with_grad_variant_has_gradient_and_same_value():
     torch.manual_seed(0)
     old = torch.randn(2, 3, 4, 2, dtype=F64).log_softmax(-1)
-    new = (old + 0.2 * torch.randn_like(old)).requires_grad_(True)
-    g0 = router_shift_ratio(old, new, gamma_min=0.0)
-    g1 = router_shift_ratio_with_grad(old, new, gamma_min=0.0)
+    new = (old + 0.2 * torch.randn_like(old)).clamp(max=0.0).requires_grad_(True)
+    g0 = router_shift_ratio(old, new, gamma_min=1e-12)
+    g1 = router_shift_ratio_with_grad(old, new, gamma_min=1e-12)
     torch.testing.assert_close(g0, g1.detach(), atol=0, rtol=0)
     g1.sum().backward()
     assert new.grad is not None and new.grad.abs().sum() > 0
@@ -86,7 +86,7 @@ def test_with_grad_variant_has_gradient_and_same_value():
 def test_naive_equivalence(seed, shape, expert_agg, layer_agg):
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(shape, generator=g, dtype=F64) * 5
-    new = old + 0.5 * torch.randn(shape, generator=g, dtype=F64)
+    new = (old + 0.5 * torch.randn(shape, generator=g, dtype=F64)).clamp(max=0.0)  # log-probs are <= 0
     got = router_shift_ratio(old, new, expert_agg=expert_agg, layer_agg=layer_agg, gamma_min=0.3)
     ref = naive.router_shift(old.tolist(), new.tolist(), expert_agg=expert_agg, layer_agg=layer_agg, gamma_min=0.3)
     torch.testing.assert_close(got, torch.tensor(ref, dtype=F64), atol=1e-10, rtol=0)
@@ -96,7 +96,7 @@ logps = st.lists(st.floats(min_value=-30, max_value=0, allow_nan=False), min_siz
 
 
 @settings(max_examples=200, deadline=None)
-@given(old=logps, new=logps, gamma_min=st.floats(0, 1))
+@given(old=logps, new=logps, gamma_min=st.floats(1e-12, 1))
 def test_properties(old, new, gamma_min):
     o = torch.tensor(old, dtype=F64).view(1, 1, 3, 2)
     n = torch.tensor(new, dtype=F64).view(1, 1, 3, 2)
@@ -130,6 +130,32 @@ def test_errors():
         router_shift_ratio(old, new, gamma_min=1.5)
     with pytest.raises(ValueError, match="dtype"):
         router_shift_ratio(old, new.float())
+
+
+@pytest.mark.parametrize("fn", [router_shift_ratio, router_shift_ratio_with_grad, router_shift_log_ratio])
+def test_bad_log_probabilities_are_errors_never_passed_on(fn):
+    """NaN is a NonFiniteError naming the tensor (the trainer counts it like a non-finite loss); +inf and
+    positive log-probabilities (probabilities above 1) are ValueErrors; gamma_min=0 is rejected."""
+    from rspo.errors import NonFiniteError
+
+    old, new = hand()
+    bad_nan = new.clone()
+    bad_nan[0, 0, 1, 0] = math.nan
+    with pytest.raises(NonFiniteError, match="new_logp_topk has 1 NaN"):
+        fn(old, bad_nan)
+    with pytest.raises(NonFiniteError, match="old_logp_topk has 1 NaN"):
+        fn(bad_nan, new)
+    for v in (math.inf, 0.25):
+        bad = old.clone()
+        bad[0, 0, 0, 1] = v
+        with pytest.raises(ValueError, match=r"old_logp_topk has 1 positive entries .* must be <= 0"):
+            fn(bad, new)
+    minus_inf = old.clone()
+    minus_inf[0, 0, 0, 0] = -math.inf  # probability 0 is legal: clamped at eps
+    assert torch.isfinite(fn(minus_inf, new)).all()
+    if fn is not router_shift_log_ratio:
+        with pytest.raises(ValueError, match=r"gamma_min must be in \(0, 1\], got 0"):
+            fn(old, new, gamma_min=0)
 
 
 def test_non_shifted_ratio():

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from rspo.config import ConfigError, build, save_config
+from rspo.errors import RunDirError
 from rspo.study import StudyConfig, run_study, summarize, write_report
 from rspo.train_config import TrainConfig
 from tests.test_trainer import metrics, tiny_cfg
@@ -46,6 +47,16 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
     assert "| grpo |" in text and "| rspo |" in text and "Collapse rule" in text and "rspo study smoke.yaml" in text
     assert (tmp_path / "study" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study" / "gamma.png").is_file() and (tmp_path / "study" / "final.png").is_file()
+    # a report elsewhere (as docs/study/): new directory, then only with --overwrite, never a foreign one
+    rep = tmp_path / "docs" / "rep"
+    write_report(tmp_path / "study", out=rep)
+    with pytest.raises(RunDirError, match="already holds a report run"):
+        write_report(tmp_path / "study", out=rep)
+    (rep / "README.md").write_text("hand-written")
+    write_report(tmp_path / "study", out=rep, overwrite=True)
+    assert (rep / "README.md").read_text() == "hand-written" and (rep / "report.md").is_file()
+    with pytest.raises(RunDirError, match="not created by rspo"):
+        write_report(tmp_path / "study", out=tmp_path / "docs", overwrite=True)
 
     # a second study (one arm) whose report shows the first study's arms as references
     ref = build(StudyConfig, {"base_config": str(base), "out_dir": str(tmp_path / "abl"), "seeds": [0],

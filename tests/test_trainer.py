@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rspo.config import ConfigError, build, load_config
+from rspo.errors import CheckpointError, ModelError, RunDirError
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer, TrainingError, token_log_probs
 
@@ -231,11 +232,12 @@ def test_corrupt_checkpoint_and_missing_policy(tiny_policy, tmp_path):
     run = tmp_path / "c"
     Trainer(tiny_cfg(tiny_policy, run, steps=1), progress=False).train()
     (run / "checkpoint" / "trainer.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt or incomplete"):
+    with pytest.raises(CheckpointError, match="checkpoint .* is corrupt: trainer.pt is 16 bytes, its manifest says"):
         Trainer(tiny_cfg(tiny_policy, run, steps=2), resume=True, progress=False)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         Trainer(tiny_cfg(str(tmp_path / "missing"), tmp_path / "m"), progress=False)
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    assert not (tmp_path / "m").exists()  # nothing written for a run that cannot start
+    with pytest.raises(RunDirError, match="already holds a train run"):
         Trainer(tiny_cfg(tiny_policy, run, steps=1), progress=False)
 
 

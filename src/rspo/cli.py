@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,7 +93,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     path, overrides = _config_and_overrides(args.args)
     cfg = load_config(PretrainConfig, path, overrides)
-    result = pretrain(cfg)
+    result = pretrain(cfg, overwrite=args.overwrite)
     print(
         f"saved {cfg.out_dir}: {result['params_total']:,} parameters ({result['params_active']:,} active), "
         f"{result['train_seconds']:.0f} s, final loss {result['final_loss']:.3f}"
@@ -115,11 +116,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rspo.tasks.countdown import CountdownSplits
 
     if args.task != "countdown":
-        raise SystemExit(f"unknown task {args.task!r}; available: countdown")
+        from rspo.errors import ConfigError
+
+        raise ConfigError(f"--task {args.task!r} is unknown; available: countdown")
     torch.set_num_threads(args.threads)
     model, tok = load_policy(args.model)
     problems = CountdownSplits().split(args.split)[: args.limit]
-    out = args.out or f"{args.model.rstrip('/')}/eval-{args.task}-{args.split}.jsonl"
+    out = Path(args.out or f"{args.model.rstrip('/')}/eval-{args.task}-{args.split}.jsonl")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or --out another path")
     records = []
     for greedy in (True, False):
         res = evaluate(model, tok, problems, greedy=greedy, temperature=args.temperature, seed=args.seed, progress=True)
@@ -131,21 +136,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rspo.config import load_config
+    from rspo.config import ConfigError, load_config
     from rspo.plots import plot_runs
+    from rspo.rundir import RunDir
     from rspo.train_config import TrainConfig
     from rspo.trainer import TrainingError, resume, train
 
     try:
         if args.resume:
+            if args.overwrite:
+                raise ConfigError("--resume continues a run and --overwrite replaces one: choose one")
             summary = resume(args.resume, overrides=args.args)
         else:
             path, overrides = _config_and_overrides(args.args)
-            summary = train(load_config(TrainConfig, path, overrides))
+            summary = train(load_config(TrainConfig, path, overrides), overwrite=args.overwrite)
     except TrainingError as e:
         print(f"rspo train: stopped: {e}", file=sys.stderr)
         return 3
-    png = plot_runs([summary["out_dir"]], Path(summary["out_dir"]) / "curves.png")
+    png = plot_runs([summary["out_dir"]], RunDir.existing(summary["out_dir"], "train").claim("curves.png"))
     collapse = "none" if summary["collapse_step"] is None else f"at step {summary['collapse_step']}"
     print(
         f"done: {summary['steps']} steps, validation accuracy last {summary['last_val']:.1%} best "
@@ -165,7 +173,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rspo.demo import run_demo
 
-    return run_demo(args.out_dir, args.config, args.args)
+    return run_demo(args.out_dir, args.config, args.args, overwrite=args.overwrite)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -184,7 +192,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from rspo.study import write_report
 
-    print(f"wrote {write_report(args.study_dir, command=args.command_line, out=args.out)}")
+    print(f"wrote {write_report(args.study_dir, command=args.command_line, out=args.out, overwrite=args.overwrite)}")
     return 0
 
 
@@ -200,20 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     pm.set_defaults(func=cmd_models)
     pp = sub.add_parser("pretrain", help="pretrain a tiny MoE base policy on Countdown from scratch")
     pp.add_argument("args", nargs="*", help="[CONFIG.yaml] then field=value overrides, e.g. steps=1200 out_dir=DIR")
+    pp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     pp.set_defaults(func=cmd_pretrain)
     pe = sub.add_parser("eval", help="greedy and sampled pass@1 of a policy on a task split, with a JSONL of responses")
     pe.add_argument("--model", required=True, help="checkpoint directory (save_pretrained format)")
     pe.add_argument("--task", default="countdown")
     pe.add_argument("--split", default="test", choices=["validation", "test"])
-    pe.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-    pe.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the sampled pass")
+    pe.add_argument("--limit", type=_int_at_least(1), default=None, help="evaluate only the first N problems")
+    pe.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature of the sampled pass")
     pe.add_argument("--seed", type=int, default=0)
-    pe.add_argument("--threads", type=int, default=2)
+    pe.add_argument("--threads", type=_int_at_least(1), default=2)
     pe.add_argument("--out", default=None, help="JSONL path (default: MODEL/eval-TASK-SPLIT.jsonl)")
+    pe.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     pe.set_defaults(func=cmd_eval)
     pt = sub.add_parser("train", help="GRPO-family RL of an MoE policy (YAML preset plus field=value overrides)")
     pt.add_argument("args", nargs="*", help="CONFIG.yaml then overrides, e.g. objective.name=gspo seed=3")
     pt.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    pt.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     pt.set_defaults(func=cmd_train)
     pl = sub.add_parser("plot", help="PNG curves of one or several runs on one figure")
     pl.add_argument("runs", nargs="+", help="run directories")
@@ -226,23 +237,57 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("study_dir")
     pr.add_argument("--command-line", default=None, help="the study command to record in the report")
     pr.add_argument("--out", default=None, help="directory for report.md and figures (default: STUDY_DIR)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     pr.set_defaults(func=cmd_report)
     pd = sub.add_parser("demo", help="RSPO on Countdown from the shipped base policy, with a before/after table")
     pd.add_argument("--out-dir", default="runs/demo")
     pd.add_argument("--config", default=None, help="train config (default: configs/demo.yaml)")
     pd.add_argument("args", nargs="*", help="overrides for the train config")
+    pd.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     pd.set_defaults(func=cmd_demo)
     return p
 
 
+OVERWRITE_HELP = (
+    "replace this command's own earlier output in the directory (only the files it wrote; a directory "
+    "it did not create is never written to)"
+)
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from rspo.config import ConfigError
+    """Run the command; an expected error (bad config, directory, checkpoint or model) is one line on
+    stderr and exit code 2, argparse's own usage errors too. A traceback means a bug."""
+    from rspo.errors import RspoError, brief
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"rspo {args.command}: error: {e}", file=sys.stderr)
+    except (RspoError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        msg = " ".join(str(e).split())
+        print(f"rspo {args.command}: error: {msg if len(msg) <= 2000 else brief(msg)}", file=sys.stderr)
         return 2
 
 

@@ -2,8 +2,9 @@
 
     cfg = load_config(TrainConfig, "configs/countdown-rspo.yaml", ["objective.name=gspo", "seed=3"])
 
-- Unknown keys, wrong types and values outside a ``Literal`` raise :class:`ConfigError` naming the
-  dotted field and the allowed values; dataclasses' own ``__post_init__`` checks ranges.
+- Unknown keys, wrong types, non-finite numbers (``.inf``, ``.nan``) and values outside a ``Literal``
+  raise :class:`ConfigError` naming the dotted field and the allowed values; dataclasses' own
+  ``__post_init__`` checks ranges. A value echoed in an error is shortened (:func:`rspo.errors.brief`).
 - Override values are parsed as YAML scalars (``3`` -> int, ``1e-3`` -> float, ``null`` -> None,
   ``[1, 2]`` -> list).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,11 +21,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from rspo.errors import ConfigError, brief
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be accepted; the message names the field."""
 
 
 def _parse_scalar(text: str) -> Any:
@@ -45,7 +45,7 @@ def check_value(tp: Any, value: Any, where: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{where}={value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+            raise ConfigError(f"{where}={brief(value)} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -59,38 +59,43 @@ def check_value(tp: Any, value: Any, where: str) -> Any:
                 return check_value(a, value, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}={value!r} matches none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}={brief(value)} matches none of {tp}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {brief(value)}")
         (inner, *_) = get_args(tp) or (Any,)
         out = [check_value(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return out if origin is list else tuple(out)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
+            raise ConfigError(f"{where} must be a mapping, got {brief(value)}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {
+            check_value(key_tp, k, f"{where} key"): check_value(val_tp, v, f"{where}.{k}") for k, v in value.items()
+        }
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping of {tp.__name__} fields, got {brief(value)}")
         return build(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {brief(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {brief(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {brief(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {brief(value)}")
         return value
     return value
 
@@ -100,10 +105,10 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(str(k) for k in set(data) - set(names))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config field(s) {[prefix + k for k in unknown]}; valid fields of "
+        raise ConfigError(f"unknown config field(s) {brief([prefix + k for k in unknown])}; valid fields of "
                           f"{where or cls.__name__}: {', '.join(names)}")  # fmt: skip
     kwargs = {k: check_value(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
@@ -111,7 +116,8 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        msg = str(e)
+        raise ConfigError(f"{where or cls.__name__}: {msg if len(msg) <= 400 else msg[:400] + ' ...'}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -119,14 +125,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = copy.deepcopy(data) or {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like field.path=value")
+            raise ConfigError(f"override {brief(item)} must look like field.path=value")
         key, text = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+                raise ConfigError(f"override {brief(item)}: {p!r} is not a section")
         node[parts[-1]] = _parse_scalar(text)
     return out
 
@@ -145,6 +151,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return build(cls, apply_overrides(data, overrides or []))
+
+
+__all__ = ["ConfigError", "apply_overrides", "build", "check_value", "load_config", "save_config", "to_dict"]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

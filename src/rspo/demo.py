@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from rspo.checkpoint import BASE_POLICY_DIR, load_policy
 from rspo.config import load_config
 from rspo.evaluate import evaluate, write_jsonl
 from rspo.plots import plot_runs
+from rspo.rundir import RunDir
 from rspo.tasks.countdown import CountdownSplits
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
@@ -24,14 +23,19 @@ def _default_config() -> Path:
     raise FileNotFoundError("configs/demo.yaml not found (run from the repository root or pass --config)")
 
 
-def run_demo(out_dir: str, config: str | None, overrides: list[str], eval_limit: int | None = None) -> int:
+def run_demo(
+    out_dir: str, config: str | None, overrides: list[str], eval_limit: int | None = None, overwrite: bool = False
+) -> int:
+    """The demo into ``out_dir`` (new, empty, or with ``overwrite`` an earlier demo's output, which is
+    replaced; any other directory is refused untouched). The RL run is ``out_dir/<objective>``."""
     t0 = time.time()
-    cfg = load_config(TrainConfig, config or _default_config(), [*overrides, f"out_dir={out_dir}"])
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)  # the demo always starts fresh
-    test = CountdownSplits().test[:eval_limit]
+    cfg = load_config(TrainConfig, config or _default_config(), overrides)
+    RunDir.check_new(out_dir, "demo", overwrite=overwrite)
     base_model, tok = load_policy(BASE_POLICY_DIR if cfg.model == "base" else cfg.model)
+    demo = RunDir.create(out_dir, "demo", overwrite=overwrite)
+    out = demo.path
+    cfg.out_dir = str(demo.claim(cfg.objective.name))
+    test = CountdownSplits().test[:eval_limit]
     print(
         f"base policy: {BASE_POLICY_DIR if cfg.model == 'base' else cfg.model}; evaluating on {len(test)} test problems"
     )
@@ -43,9 +47,9 @@ def run_demo(out_dir: str, config: str | None, overrides: list[str], eval_limit:
     trainer = Trainer(cfg)
     summary = trainer.train()
     after = [evaluate(trainer.model, tok, test, greedy=g, seed=cfg.seed, progress=True) for g in (True, False)]
-    write_jsonl(out / "test-before.jsonl", [r for res in before for r in res.records])
-    write_jsonl(out / "test-after.jsonl", [r for res in after for r in res.records])
-    png = plot_runs([out], out / "curves.png", labels=[f"{cfg.objective.name} (demo)"])
+    write_jsonl(demo.claim("test-before.jsonl"), [r for res in before for r in res.records])
+    write_jsonl(demo.claim("test-after.jsonl"), [r for res in after for r in res.records])
+    png = plot_runs([cfg.out_dir], demo.claim("curves.png"), labels=[f"{cfg.objective.name} (demo)"])
     rows = [("greedy accuracy", before[0].accuracy, after[0].accuracy),
             ("sampled accuracy (T=1)", before[1].accuracy, after[1].accuracy),
             ("mean reward (greedy)", before[0].mean_reward, after[0].mean_reward)]  # fmt: skip
@@ -59,8 +63,8 @@ def run_demo(out_dir: str, config: str | None, overrides: list[str], eval_limit:
             print(f"  {name:32s}{a:>10.1%} {b:>10.1%}   (+-{se_a:.1%} / +-{se_b:.1%})")
     collapse = "none" if summary["collapse_step"] is None else f"at step {summary['collapse_step']}"
     print(f"\ncollapse: {collapse}; total time {(time.time() - t0) / 60:.1f} min")
-    print(f"plots: {png}\nmetrics: {out / 'metrics.jsonl'}\nresponses: {out}/test-before.jsonl, test-after.jsonl")
-    (out / "demo_summary.json").write_text(json.dumps(
-        {"before": {r[0]: r[1] for r in rows}, "after": {r[0]: r[2] for r in rows}, "summary": summary,
-         "minutes": (time.time() - t0) / 60}, indent=1))  # fmt: skip
+    print(f"plots: {png}\nmetrics: {Path(cfg.out_dir) / 'metrics.jsonl'}\n"
+          f"responses: {out}/test-before.jsonl, test-after.jsonl")  # fmt: skip
+    demo.write_json("demo_summary.json", {"before": {r[0]: r[1] for r in rows}, "after": {r[0]: r[2] for r in rows},
+                                          "summary": summary, "minutes": (time.time() - t0) / 60})  # fmt: skip
     return 0

@@ -11,7 +11,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rspo.rollout import batched, generate, score
+from rspo.rollout import batched, generate
+from rspo.scoring import score
 from rspo.tasks.countdown import CountdownReward, Problem, make_prompt
 
 MAX_NEW_TOKENS = 32  # "<answer>" + an expression of 4 two-digit numbers + "</answer>" + eos fits in 24
@@ -45,6 +46,7 @@ def evaluate(
     seed: int = 0,
     reward: CountdownReward | None = None,
     progress: bool = False,
+    timeout_s: float | None = 10.0,
 ) -> EvalResult:
     """pass@1 over ``problems``: one greedy (or sampled) response each."""
     reward = reward or CountdownReward()
@@ -54,8 +56,8 @@ def evaluate(
         prompts = [make_prompt(p) for p in chunk]
         gen = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, greedy=greedy,
                        temperature=temperature, generator_seed=None if greedy else seed + i)  # fmt: skip
-        rewards, reasons = score(gen.texts, chunk, reward)
-        for p, prompt, text, r, why in zip(chunk, prompts, gen.texts, rewards, reasons, strict=True):
+        scored = score(gen.texts, chunk, reward, timeout_s=timeout_s)
+        for p, prompt, text, r, why in zip(chunk, prompts, gen.texts, scored.rewards, scored.reasons, strict=True):
             records.append({"numbers": list(p.numbers), "target": p.target, "prompt": prompt, "response": text,
                             "reward": r, "reason": why})  # fmt: skip
     n = max(len(records), 1)

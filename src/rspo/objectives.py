@@ -31,6 +31,7 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 
+from rspo.errors import NonFiniteError
 from rspo.routing.shift import gamma_metrics, router_clip_mask
 
 Tensor = torch.Tensor
@@ -135,17 +136,23 @@ def get_objective(name: str) -> Objective:
 # ----------------------------------------------------------------------------------------
 
 
+def masked(x: Tensor, mask: Tensor) -> Tensor:
+    """``x * mask`` that is exactly 0 where the mask is 0, even if ``x`` is NaN or inf there (padding)."""
+    return torch.where(mask != 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` over ``mask`` (all elements, or along ``dim``); 0 where the mask is empty."""
+    """Mean of ``x`` over ``mask`` (all elements, or along ``dim``); 0 where the mask is empty.
+    Values outside the mask never reach the result (NaN padding included)."""
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return masked(x, mask).sum() / mask.sum().clamp(min=1)
+    return masked(x, mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def seq_mean(per_seq: Tensor, mask: Tensor) -> Tensor:
     """Mean of a ``(B,)`` per-sequence value over sequences with at least one masked-in token."""
     valid = (mask.sum(-1) > 0).to(per_seq.dtype)  # (B,)
-    return (per_seq * valid).sum() / valid.sum().clamp(min=1)
+    return masked(per_seq, valid).sum() / valid.sum().clamp(min=1)
 
 
 def aggregate(loss_mat: Tensor, mask: Tensor, loss_agg: LossAgg, norm_length: float | None = None) -> Tensor:
@@ -165,7 +172,7 @@ def aggregate(loss_mat: Tensor, mask: Tensor, loss_agg: LossAgg, norm_length: fl
     if loss_agg == "seq-mean-token-sum-norm":
         if norm_length is None:
             raise ValueError("loss_agg='seq-mean-token-sum-norm' needs norm_length (a constant, e.g. max length)")
-        return seq_mean((loss_mat * mask).sum(-1), mask) / norm_length
+        return seq_mean(masked(loss_mat, mask).sum(-1), mask) / norm_length
     raise ValueError(f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(_CHOICES['loss_agg'])}")
 
 
@@ -512,25 +519,44 @@ def _resolve_hparams(obj: Objective, with_router_shift: bool, hparams: dict[str,
         if key in hp and hp[key] not in choices:
             raise ValueError(f"{key}={hp[key]!r} is not valid for {obj.name!r}; valid values: {', '.join(choices)}")
     for key in ("clip_low", "clip_high"):
-        if not (isinstance(hp[key], (int, float)) and math.isfinite(hp[key]) and hp[key] >= 0):
-            raise ValueError(f"{key} must be a finite number >= 0, got {hp[key]!r}")
+        v = hp[key]
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
     if obj.name in ("grpo", "gspo", "gspo_token") and hp["clip_low"] >= 1:
         raise ValueError(f"clip_low must be < 1 for {obj.name!r} (the lower bound is 1 - clip_low)")
     if "loss_agg" in hp:
         needs_norm = hp["loss_agg"] == "seq-mean-token-sum-norm"
-        if needs_norm and not (isinstance(hp["norm_length"], (int, float)) and hp["norm_length"] > 0):
+        nl = hp["norm_length"]
+        if needs_norm and not (isinstance(nl, (int, float)) and math.isfinite(nl) and nl > 0):
             raise ValueError("loss_agg='seq-mean-token-sum-norm' needs norm_length > 0 (e.g. the max length)")
         if not needs_norm and hp["norm_length"] is not None:
             raise ValueError(f"norm_length is only used by loss_agg='seq-mean-token-sum-norm', not {hp['loss_agg']!r}")
     if with_router_shift:
-        gmin, thr = hp["gamma_min"], hp["router_clip_threshold"]
-        if gmin is not None and not 0 <= gmin <= 1:
-            raise ValueError(f"gamma_min must be in [0, 1], got {gmin!r}")
-        if thr is not None and not 0 < thr <= 1:
-            raise ValueError(f"router_clip_threshold must be in (0, 1], got {thr!r}")
-        if hp["router_clip_drop"] and thr is None:
+        for key in ("gamma_min", "router_clip_threshold"):
+            v = hp[key]
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
+                raise ValueError(f"{key} must be in (0, 1], got {v!r}")
+        for key in ("router_shift_grad", "router_clip_drop"):
+            if not isinstance(hp[key], bool):
+                raise ValueError(f"{key} must be True or False, got {hp[key]!r}")
+        if hp["router_clip_drop"] and hp["router_clip_threshold"] is None:
             raise ValueError("router_clip_drop=True needs router_clip_threshold")
     return hp
+
+
+def check_hparams(name: str, *, router_shift: bool, **hparams: Any) -> dict[str, Any]:
+    """Validate objective ``name``'s hyperparameters exactly as :func:`compute_policy_loss` will, without
+    tensors (``router_shift``: whether a gamma tensor will be passed). Returns them with defaults filled
+    in. Configs call this when they are built, so a bad value fails before a run writes anything."""
+    obj = get_objective(name)
+    if obj.router_shift == "none" and router_shift:
+        raise ValueError(
+            f"objective {name!r} does not use router_shift; use one of "
+            f"{[n for n, o in _REGISTRY.items() if o.router_shift != 'none']} (e.g. 'rspo' = gmpo + router shift)"
+        )
+    if obj.router_shift == "required" and not router_shift:
+        raise ValueError(f"objective {name!r} needs router_shift (gamma); without it use 'gmpo'")
+    return _resolve_hparams(obj, router_shift, hparams)
 
 
 def compute_policy_loss(
@@ -570,14 +596,7 @@ def compute_policy_loss(
         threshold is given).
     """
     obj = get_objective(name)
-    if obj.router_shift == "none" and router_shift is not None:
-        raise ValueError(
-            f"objective {name!r} does not use router_shift; use one of "
-            f"{[n for n, o in _REGISTRY.items() if o.router_shift != 'none']} (e.g. 'rspo' = gmpo + router shift)"
-        )
-    if obj.router_shift == "required" and router_shift is None:
-        raise ValueError(f"objective {name!r} needs router_shift (gamma); without it use 'gmpo'")
-    hp = _resolve_hparams(obj, router_shift is not None, hparams)
+    hp = check_hparams(name, router_shift=router_shift is not None, **hparams)
 
     _check_tensor("log_probs", log_probs, None, None)
     if log_probs.dim() != 2 or not log_probs.is_floating_point():
@@ -598,7 +617,13 @@ def compute_policy_loss(
         if t.device != log_probs.device:
             raise ValueError(f"{tname} is on {t.device}, log_probs on {log_probs.device}")
     mask = response_mask.to(log_probs.dtype)
-    old_log_probs = old_log_probs.detach()
+    # Padding may hold anything (NaN, inf): select with the mask before any arithmetic, so neither the
+    # loss nor its gradient can see it (multiplying by the mask would turn NaN * 0 into NaN).
+    keep = mask != 0
+    zero = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
+    log_probs = torch.where(keep, log_probs, zero)
+    old_log_probs = torch.where(keep, old_log_probs.detach(), zero)
+    advantages = torch.where(keep, advantages, zero)
 
     gamma = None
     extra: dict[str, Any] = {}
@@ -607,7 +632,10 @@ def compute_policy_loss(
         if router_shift.device != log_probs.device:
             raise ValueError(f"router_shift is on {router_shift.device}, log_probs on {log_probs.device}")
         gamma = router_shift if hp["router_shift_grad"] else router_shift.detach()
+        gamma = torch.where(keep, gamma, torch.ones((), dtype=gamma.dtype, device=gamma.device))
         g_in = gamma.detach()[mask > 0]
+        if bool(torch.isnan(g_in).any()):
+            raise NonFiniteError(f"router_shift (gamma) is NaN at {int(torch.isnan(g_in).sum())} response tokens")
         if g_in.numel() and not bool(((g_in > 0) & (g_in <= 1)).all()):
             raise ValueError(
                 f"router_shift (gamma) must lie in (0, 1] on response tokens; got min {g_in.min().item():.4g}, "
@@ -663,9 +691,11 @@ __all__ = [
     "RouterShiftForm",
     "RouterShiftPlacement",
     "aggregate",
+    "check_hparams",
     "compute_policy_loss",
     "get_objective",
     "list_objectives",
+    "masked",
     "masked_mean",
     "register_objective",
     "seq_mean",

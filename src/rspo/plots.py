@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from rspo.rundir import read_metrics
 
 PANELS = [
     ("reward/mean", "reward (mean)"),
@@ -21,13 +22,6 @@ PANELS = [
     ("entropy/mean", "token entropy"),
     ("grad/norm", "gradient norm"),
 ]
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a run directory")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -1,6 +1,6 @@
 """Pretrain a tiny MoE base policy on Countdown from scratch (supervised, on solver solutions).
 
-    rspo pretrain out_dir=runs/countdown-base steps=3000
+    rspo pretrain out_dir=runs/countdown-base steps=3000 [--overwrite]
 
 Each example is ``prompt + <answer>solution</answer> + eos``; the loss covers the response and
 eos only (the prompt's numbers are random). Problems stream from the train split (disjoint from
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import random
 import shutil
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from rspo.config import save_config, to_dict
+from rspo.config import to_dict
 from rspo.evaluate import evaluate
-from rspo.models import build_model, count_parameters
+from rspo.models import PRESETS, build_model, count_parameters
+from rspo.rundir import RunDir, crash_point
 from rspo.tasks.countdown import CountdownSplits, format_answer, make_prompt, solve
 from rspo.tokenizer import build_char_tokenizer
 
@@ -58,9 +61,13 @@ class PretrainConfig:
     threads: int = 2
     """torch CPU threads."""
     shuffle_buffer: int = 4096
-    """Examples held in the shuffle buffer of the training stream."""
+    """Examples held in the shuffle buffer of the training stream (1 .. 1,000,000)."""
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not a model preset; valid: {', '.join(PRESETS)}")
+        if not 1 <= self.shuffle_buffer <= 1_000_000:
+            raise ValueError(f"shuffle_buffer must be in [1, 1000000], got {self.shuffle_buffer}")
         for name in ("steps", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -136,8 +143,15 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def pretrain(cfg: PretrainConfig, splits: CountdownSplits | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run pretraining; returns the metrics written to ``out_dir/pretrain.json``."""
+def pretrain(
+    cfg: PretrainConfig, splits: CountdownSplits | None = None, progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run pretraining; returns the metrics written to ``out_dir/pretrain.json``.
+
+    ``out_dir`` is claimed before training starts: it must be new, empty, or (``overwrite``) an earlier
+    pretraining output, whose files are then replaced; anything else is refused untouched.
+    """
+    run = RunDir.create(cfg.out_dir, "pretrain", overwrite=overwrite)
     torch.set_num_threads(cfg.threads)
     splits = splits or CountdownSplits()
     tok = build_char_tokenizer()
@@ -192,7 +206,7 @@ def pretrain(cfg: PretrainConfig, splits: CountdownSplits | None = None, progres
             test_greedy_by_count=_by_count(greedy.records),
             test_sampled_by_count=_by_count(sampled.records),
         )
-    save_checkpoint(model, tok, Path(cfg.out_dir), {**result, "history": history}, cfg)
+    save_policy(run, model, tok, {**result, "history": history}, cfg)
     return result
 
 
@@ -204,17 +218,22 @@ def _by_count(records: list[dict]) -> dict[str, float]:
     return out
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path, info: dict[str, Any], cfg: PretrainConfig) -> None:
-    """Write model (safetensors), tokenizer, config and pretrain.json atomically (tmp dir, then rename)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_config(cfg, tmp / "pretrain_config.yaml")
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+def save_policy(run: RunDir, model, tokenizer, info: dict[str, Any], cfg: PretrainConfig) -> Path:
+    """Model (safetensors), tokenizer, pretrain_config.yaml and pretrain.json into the run directory.
+
+    Written into a staging directory inside it, then moved up file by file (pretrain.json last, so a
+    directory with pretrain.json holds a complete policy); every file is recorded in the marker.
+    """
+    staging = run.claim(".staging")
+    if staging.exists():
+        shutil.rmtree(staging)  # ours: a torn earlier save
+    staging.mkdir()
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "pretrain_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (staging / "pretrain.json").write_text(json.dumps(info, indent=1))
+    crash_point("pretrain_saving")
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == "pretrain.json"):
+        os.replace(f, run.claim(f.name))
+    staging.rmdir()
+    return run.path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,18 +66,3 @@ def generate(
 def batched(items: Sequence, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def score(texts: Sequence[str], problems: Sequence, reward_fn: Callable) -> tuple[list[float], list[str]]:
-    """Rewards for each response; a reward function that raises gives 0 and reason 'reward_error'."""
-    rewards, reasons = [], []
-    for text, prob in zip(texts, problems, strict=True):
-        try:
-            v = reward_fn.verdict(text, prob) if hasattr(reward_fn, "verdict") else None
-            r = float(v.reward) if v is not None else float(reward_fn(text, prob))
-            reasons.append(v.reason if v is not None else "ok")
-        except Exception:  # a broken reward function must not stop a run
-            r = 0.0
-            reasons.append("reward_error")
-        rewards.append(r)
-    return rewards, reasons

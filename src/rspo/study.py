@@ -4,13 +4,12 @@
     rspo report runs/study-countdown                   # report.md + PNG figures in the study directory
 
 Each run is a subprocess (``python -m rspo.cli train ...``) with one torch thread; up to
-``parallel`` run at once. A finished run has ``done.json``; one with a checkpoint and no
-``done.json`` is resumed with ``--resume``.
+``parallel`` run at once. A finished run has ``done.json``; a started one without it is continued
+with ``--resume`` (from its last checkpoint, or from step 0 if it had none).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import subprocess
@@ -23,7 +22,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rspo.config import load_config, save_config
+from rspo.config import load_config
+from rspo.rundir import RunDir, is_collapsed, read_metrics, steps_logged
 
 
 @dataclass
@@ -60,29 +60,23 @@ class StudyConfig:
             raise ValueError(f"arm names must be letters, digits, - and _: {bad}")
         if bool(self.reference_dir) != bool(self.reference_arms):
             raise ValueError("study.reference_dir and study.reference_arms go together (both set or neither)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds has repeated seeds: {self.seeds}")
+        if not all(0 <= a <= 1 for a in self.accuracy_levels):
+            raise ValueError(f"study.accuracy_levels must lie in [0, 1], got {self.accuracy_levels}")
+        if not 0 < self.collapse_drop < 1:
+            raise ValueError(f"study.collapse_drop must be in (0, 1), got {self.collapse_drop}")
 
 
 def run_dirs(cfg: StudyConfig) -> list[tuple[str, int, Path]]:
     return [(arm, seed, Path(cfg.out_dir) / arm / f"seed{seed}") for arm in cfg.arms for seed in cfg.seeds]
 
 
-def _steps_logged(run: Path) -> int:
-    f = run / "metrics.jsonl"
-    if not f.exists():
-        return 0
-    lines = f.read_text().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
 def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or continue) the grid; returns {run_dir: status}."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "study.yaml")
     from rspo.train_config import TrainConfig
 
-    todo, status = [], {}
-    total_steps = 0
+    todo, status, total_steps = [], {}, 0
     for arm, seed, run in run_dirs(cfg):
         overrides = [*cfg.common, *cfg.arms[arm], f"seed={seed}", f"out_dir={run}", "threads=1"]
         steps = load_config(TrainConfig, cfg.base_config, overrides).steps  # validates every run's config now
@@ -90,16 +84,16 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
         if (run / "done.json").exists():
             status[str(run)] = "done (skipped)"
             continue
-        if (run / "checkpoint" / "trainer_state.json").exists():
+        if RunDir.inspect(run) if run.is_dir() else None:  # started before: continue (or restart from step 0)
             cmd = [sys.executable, "-m", "rspo.cli", "train", "--resume", str(run)]
         else:
-            if run.exists():  # interrupted before its first checkpoint: start again
-                import shutil
-
-                shutil.rmtree(run)
             cmd = [sys.executable, "-m", "rspo.cli", "train", cfg.base_config, *overrides]
         todo.append((run, cmd, steps))
-    done_steps = {str(r): _steps_logged(r) for _, _, r in run_dirs(cfg)}
+    study = RunDir.open_or_create(cfg.out_dir, "study")  # only after every run's config was validated
+    study.write_config(cfg, "study.yaml")
+    for arm in cfg.arms:
+        study.claim(arm)
+    done_steps = {str(r): steps_logged(r) for _, _, r in run_dirs(cfg)}
     # steps already done count as `initial`, so the rate and ETA cover this invocation's steps only
     bar = tqdm(
         total=total_steps,
@@ -118,13 +112,13 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
         time.sleep(1.0)
         for item in list(running):
             run, proc, steps = item
-            now = _steps_logged(run)
+            now = steps_logged(run)
             bar.update(now - done_steps[str(run)])
             done_steps[str(run)] = now
             if proc.poll() is not None:
                 running.remove(item)
                 if proc.returncode == 0:
-                    (run / "done.json").write_text(json.dumps({"steps": now}))
+                    RunDir.existing(run, "train").write_json("done.json", {"steps": now})
                     status[str(run)] = "done"
                 else:
                     status[str(run)] = f"failed (exit {proc.returncode}; see {run.parent / (run.name + '.log')})"
@@ -156,11 +150,6 @@ LATE_CHECKS = 3
 """The report's less noisy accuracy: the mean of each run's last LATE_CHECKS validation checks."""
 
 
-def _load(run: Path) -> list[dict]:
-    f = run / "metrics.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
-
-
 def _series(rows: list[dict], key: str, smooth: int) -> dict[int, float]:
     pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     out = {}
@@ -190,7 +179,7 @@ def _arm_runs(study: StudyConfig, names: Iterable[str]) -> dict[str, ArmRuns]:
     arms = {arm: ArmRuns(study.arms[arm], {}) for arm in names}
     for arm, seed, run in run_dirs(study):
         if arm in arms:
-            arms[arm].runs[seed] = _load(run)
+            arms[arm].runs[seed] = read_metrics(run, missing_ok=True)
     return arms
 
 
@@ -236,7 +225,7 @@ def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[
                 return sum(vals) / len(vals) if vals else float("nan")
 
             per_seed.append({
-                "final": final, "best": best, "collapsed": best >= 0.05 and final < (1 - cfg.collapse_drop) * best,
+                "final": final, "best": best, "collapsed": is_collapsed(final, best, cfg.collapse_drop),
                 "late": statistics.mean(v for _, v in val[-LATE_CHECKS:]) if len(val) > LATE_CHECKS else None,
                 "sampled": sampled[-1] if sampled else None, "reach": reach, "clip": avg("clip_ratio/region_mean"),
                 "ratio_std": avg("offpolicy/ratio_std"),
@@ -265,8 +254,15 @@ def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[
     return table
 
 
-def write_report(study_dir: str | Path, command: str | None = None, out: str | Path | None = None) -> Path:
-    """report.md and figures (final.png, curves.png, gamma.png) into ``out`` (default: ``study_dir``)."""
+REPORT_FILES = ("report.md", "curves.png", "gamma.png", "final.png")
+
+
+def write_report(
+    study_dir: str | Path, command: str | None = None, out: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """report.md and figures (final.png, curves.png, gamma.png) into ``out`` (default: ``study_dir``, where
+    the report is part of the study and rewritten each time). Another ``out`` must be new, empty, or
+    (``overwrite``) hold an earlier report."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,9 +273,14 @@ def write_report(study_dir: str | Path, command: str | None = None, out: str | P
         raise FileNotFoundError(f"{study_dir} has no study.yaml: not a study directory")
     cfg = load_config(StudyConfig, study_dir / "study.yaml")
     cfg.out_dir = str(study_dir)
-    out_dir = Path(out) if out is not None else study_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    arms = load_runs(cfg)
+    arms = load_runs(cfg)  # reads (and checks) everything before writing anything
+    if out is None:
+        dest = RunDir.existing(study_dir, "study")
+    else:
+        dest = RunDir.create(out, "report", overwrite=overwrite)
+    out_dir = dest.path
+    for name in REPORT_FILES:
+        dest.claim(name)
     table = summarize(cfg, arms)
     colors = plt.get_cmap("tab20" if len(table) > 10 else "tab10").colors
     color = {arm: colors[i % len(colors)] for i, arm in enumerate(table)}

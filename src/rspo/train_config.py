@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rspo.objectives import LossAgg, RouterShiftForm, RouterShiftPlacement, get_objective, list_objectives
+from rspo.objectives import (
+    LossAgg,
+    RouterShiftForm,
+    RouterShiftPlacement,
+    check_hparams,
+    get_objective,
+    list_objectives,
+)
 from rspo.routing.families import RouterProb
 from rspo.routing.shift import ExpertAgg, LayerAgg
 
@@ -106,10 +113,14 @@ class RouterShiftConfig:
     """Also drop tokens with gamma < clip_threshold from the loss."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.gamma_min <= 1:
-            raise ValueError(f"router_shift.gamma_min must be in [0, 1], got {self.gamma_min}")
+        if not 0 < self.gamma_min <= 1:
+            raise ValueError(f"router_shift.gamma_min must be in (0, 1], got {self.gamma_min}")
+        if self.clip_threshold is not None and not 0 < self.clip_threshold <= 1:
+            raise ValueError(f"router_shift.clip_threshold must be in (0, 1], got {self.clip_threshold}")
         if self.clip_drop and self.clip_threshold is None:
             raise ValueError("router_shift.clip_drop needs router_shift.clip_threshold")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"router_shift.top_k must be >= 1 (and <= the model's experts), got {self.top_k}")
 
 
 @dataclass
@@ -118,6 +129,10 @@ class RoutingConfig:
     """Routing-control baseline: router freezing, routing replay (copy old logits / reuse old indices)."""
     aux_loss_coef: float = 0.0
     """Router load-balancing auxiliary loss coefficient (transformers' aux_loss); 0 = off."""
+
+    def __post_init__(self) -> None:
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"routing.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
 
 
 @dataclass
@@ -153,6 +168,21 @@ class RewardConfig:
 
 
 @dataclass
+class ScoringConfig:
+    timeout_s: float | None = 10.0
+    """Seconds one reward call may take: calls run in a forked worker that is killed after this
+    (reward 0, counted in reward/timeouts); null = call in-process without a time bound."""
+    workers: int = 1
+    """Forked scoring workers (responses interleaved); more helps slow verifiers."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"scoring.timeout_s must be > 0 (or null), got {self.timeout_s}")
+        if self.workers < 1:
+            raise ValueError(f"scoring.workers must be >= 1, got {self.workers}")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     """AdamW learning rate (constant after warmup)."""
@@ -164,8 +194,11 @@ class OptimConfig:
     """Max gradient norm (0 = no clipping)."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            raise ValueError("optim.lr > 0, grad_clip >= 0, warmup_steps >= 0 required")
+        if not self.lr > 0 or self.grad_clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"optim.lr > 0, grad_clip >= 0, warmup_steps >= 0, weight_decay >= 0 required; got lr={self.lr}, "
+                f"grad_clip={self.grad_clip}, warmup_steps={self.warmup_steps}, weight_decay={self.weight_decay}"
+            )
 
 
 @dataclass
@@ -191,14 +224,14 @@ class TrainConfig:
     kl_coef: float = 0.0
     """KL penalty to the initial (reference) policy, k3 estimator per token; 0 = off."""
     eval_every: int = 10
-    """Steps between greedy validation-accuracy checks (0 = never)."""
+    """Steps between greedy validation-accuracy checks (0 = never, the only period where 0 means off)."""
     eval_problems: int = 200
     """Validation problems per check."""
     eval_samples: int = 0
     """Also log ``val/accuracy_sampled``: pass@1 of this many responses per validation problem sampled at
     the rollout temperature (fixed seeds, so checks are comparable); 0 = greedy accuracy only."""
     checkpoint_every: int = 10
-    """Steps between checkpoints (the last step always writes one)."""
+    """Steps between checkpoints, >= 1 (the last step always writes one)."""
     collapse_drop: float = 0.5
     """Collapse: validation accuracy below (1 - collapse_drop) x its running best (with best >= 0.05)."""
     max_bad_steps: int = 3
@@ -217,6 +250,7 @@ class TrainConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -233,9 +267,19 @@ class TrainConfig:
                              f"{self.eval_problems}")  # fmt: skip
         if not 0 < self.collapse_drop < 1:
             raise ValueError(f"collapse_drop must be in (0, 1), got {self.collapse_drop}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (a period in steps), got {self.checkpoint_every}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 1, or 0 for no validation, got {self.eval_every}")
+        if self.kl_coef < 0 or self.max_bad_steps < 1:
+            raise ValueError(f"kl_coef >= 0 and max_bad_steps >= 1 required, got {self.kl_coef}, {self.max_bad_steps}")
         self.router_shift.enabled = resolve_router_shift(self.objective.name, self.router_shift.enabled)
         if self.router_shift.form != "weight" and self.objective.name != "rspo":
             raise ValueError("router_shift.form applies to the rspo objective only")
+        try:  # the objective's own checks (clip ranges, aggregation), now rather than at the first update
+            check_hparams(self.objective.name, router_shift=bool(self.router_shift.enabled), **self.objective_hparams())
+        except ValueError as e:
+            raise ValueError(f"objective: {e}") from None
 
     @property
     def needs_router_trace(self) -> bool:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from rspo.checkpoint import BASE_POLICY_DIR, load_policy
-from rspo.config import load_config, save_config, to_dict
+from rspo.config import load_config, to_dict
+from rspo.errors import CheckpointError, ConfigError, NonFiniteError
 from rspo.evaluate import evaluate
 from rspo.objectives import compute_policy_loss, masked_mean
-from rspo.rollout import generate, score
+from rspo.rollout import generate
 from rspo.routing import (
     MoERouters,
     RouterTrace,
@@ -41,6 +40,8 @@ from rspo.routing import (
     router_shift_ratio,
     router_shift_ratio_with_grad,
 )
+from rspo.rundir import RunDir, crash_point, is_collapsed, load_tensors
+from rspo.scoring import REWARD_ERROR, REWARD_TIMEOUT, score
 from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
 from rspo.train_config import TrainConfig
 
@@ -103,36 +104,63 @@ def group_advantages(rewards: Tensor, group_size: int, mode: str) -> tuple[Tenso
 # The trainer
 # ----------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+    """The RL loop over a run directory.
+
+    ``resume=False`` starts a new run in ``cfg.out_dir`` (created, or an empty directory, or with
+    ``overwrite=True`` the same kind's earlier run; anything else is refused before anything is
+    written). ``resume=True`` continues the run there from its newest complete checkpoint, or from
+    step 0 if it was killed before its first one.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> None:
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out_dir)
         torch.set_num_threads(cfg.threads)
         model_dir = BASE_POLICY_DIR if cfg.model == "base" else Path(cfg.model)
-        self._setup_policy(model_dir)
-        self.ref_model = load_policy(model_dir)[0] if cfg.kl_coef > 0 else None
+        self.step, self.data_pos, self.opt_steps = 0, 0, 0
+        self.best_val, self.collapse_step, self.bad_steps = -1.0, None, 0
+        self._reward_messages: set[str] = set()
         self.splits = CountdownSplits()
         self.reward = CountdownReward(**to_dict(cfg.reward))
         self.hparams = cfg.objective_hparams()
-        self.step, self.data_pos, self.opt_steps = 0, 0, 0
-        self.best_val, self.collapse_step, self.bad_steps = -1.0, None, 0
         if resume:
-            self._load_checkpoint()
-        else:
-            if (self.out / "metrics.jsonl").exists():
-                raise FileExistsError(f"{self.out} already holds a run; use --resume or another out_dir")
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            self.run = RunDir.existing(self.out, "train")
+        else:  # everything that can be wrong with the input is found before the directory is touched
+            RunDir.check_new(self.out, "train", overwrite=overwrite)
+            self._setup_policy(model_dir)
+            self.ref_model = load_policy(model_dir)[0] if cfg.kl_coef > 0 else None
+            self.run = RunDir.create(self.out, "train", overwrite=overwrite)
+        self.run.lock()
+        try:
+            if resume:
+                ckpt = self.run.latest_checkpoint()  # recovers a kill during the checkpoint swap
+                self._setup_policy(ckpt or model_dir)
+                self.ref_model = load_policy(model_dir)[0] if cfg.kl_coef > 0 else None
+                if ckpt is None:  # killed before its first checkpoint: start again from step 0
+                    self.run.truncate_metrics(-1)
+                else:
+                    self._load_trainer_state(ckpt)
+            else:
+                self.run.write_config(cfg)
+            self.tb = _tensorboard(self.run)
+        except BaseException:
+            self.run.close()
+            raise
         self.stream = self.splits.train_stream(seed=cfg.seed)
         for _ in range(self.data_pos):  # the data position survives restarts
             next(self.stream)
-        self.tb = _tensorboard(self.out)
 
     def _setup_policy(self, model_dir: Path) -> None:
         """Policy, tokenizer, router hooks (with the routing control) and optimizer from a checkpoint dir."""
         cfg = self.cfg
         self.model, self.tok = load_policy(model_dir)
         self.model.train()
-        self.routers = MoERouters(self.model, top_k=cfg.router_shift.top_k, prob=cfg.router_shift.prob)
+        try:
+            self.routers = MoERouters(self.model, top_k=cfg.router_shift.top_k, prob=cfg.router_shift.prob)
+        except ValueError as e:
+            if "top_k" not in str(e):
+                raise
+            raise ConfigError(f"router_shift.top_k={cfg.router_shift.top_k}: {e}") from None
         if cfg.routing.control == "freeze":
             self.routers.freeze()
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -140,6 +168,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
+        try:
+            return self._train()
+        finally:
+            self.run.close()
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.step == 0 and cfg.eval_every:
             self._log({"step": 0, **self._validate()})
@@ -163,6 +197,7 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 rec.update(self._validate())
             self._log(rec)  # 6
+            crash_point("step_logged")
             bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", val_acc=f"{self.last_val:.1%}",
                             gamma=f"{rec.get('router/gamma_mean', float('nan')):.3f}")  # fmt: skip
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
@@ -183,8 +218,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ 2-3. rewards, advantages
     def score_and_advantages(self, b: RolloutBatch) -> None:
-        rewards, b.reasons = score(b.texts, b.problems, self.reward)
-        b.rewards = torch.tensor(rewards)
+        sc = self.cfg.scoring
+        scored = score(b.texts, b.problems, self.reward, timeout_s=sc.timeout_s, workers=sc.workers)
+        for why, msg in scored.messages.items():
+            if why not in self._reward_messages:  # the first error of each kind, once per run
+                self._reward_messages.add(why)
+                tqdm.write(f"step {self.step + 1}: {why} (first of this run; reward 0, counted): {msg}")
+        b.rewards, b.reasons = torch.tensor(scored.rewards), scored.reasons
         b.advantages, zero = group_advantages(b.rewards, self.cfg.rollout.group_size, self.cfg.advantage)
         self._zero_spread = float(zero.float().mean())
         keep = torch.ones_like(b.rewards)
@@ -237,7 +277,11 @@ class Trainer:
             order = self._order if epoch == 0 else torch.randperm(len(b.texts), generator=torch.Generator().manual_seed(
                 _seed(cfg.seed, self.step, f"order{epoch}")))  # fmt: skip
             for mb in order.split(cfg.mini_batch_size):
-                loss, m = self.policy_loss(b, mb)
+                try:
+                    loss, m = self.policy_loss(b, mb)
+                except NonFiniteError as e:  # e.g. NaN router log-probs of a diverged model
+                    loss, m = torch.tensor(float("nan")), {"train/nonfinite_router": 1.0}
+                    tqdm.write(f"step {self.step + 1}: {e}")
                 m["train/nonfinite_loss"] = 0.0
                 if not torch.isfinite(loss):
                     self.routers.stop_replay()
@@ -331,7 +375,8 @@ class Trainer:
         return {
             "reward/mean": float(b.rewards.mean()), "reward/std": float(b.rewards.std()),
             "reward/accuracy": sum(r == "correct" for r in b.reasons) / len(b.reasons),
-            "reward/errors": float(sum(r == "reward_error" for r in b.reasons)),
+            "reward/errors": float(sum(r in (REWARD_ERROR, REWARD_TIMEOUT) for r in b.reasons)),
+            "reward/timeouts": float(sum(r == REWARD_TIMEOUT for r in b.reasons)),
             "reward/zero_spread_groups": self._zero_spread,
             "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
         }  # fmt: skip
@@ -350,7 +395,7 @@ class Trainer:
         self.last_val = acc
         self.best_val = max(self.best_val, acc)
         rec |= {"val/best": self.best_val, "val/collapsed": 0.0}
-        if self.best_val >= 0.05 and acc < (1 - self.cfg.collapse_drop) * self.best_val:
+        if is_collapsed(acc, self.best_val, self.cfg.collapse_drop):
             rec["val/collapsed"] = 1.0
             if self.collapse_step is None:
                 self.collapse_step = self.step
@@ -359,8 +404,7 @@ class Trainer:
         return rec
 
     def _log(self, rec: dict[str, Any]) -> None:
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.run.append_metrics(rec)
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -371,48 +415,45 @@ class Trainer:
                 "collapse_step": self.collapse_step, "out_dir": str(self.out)}  # fmt: skip
 
     def _ckpt_step(self) -> int | None:
-        f = self.out / "checkpoint" / "trainer_state.json"
-        return json.loads(f.read_text())["step"] if f.is_file() else None
+        f = self.out / "checkpoint"
+        return RunDir.read_state(f)["step"] if (f / "trainer_state.json").is_file() else None
+
+    STATE_KEYS = ("step", "data_pos", "opt_steps", "best_val", "last_val", "collapse_step", "bad_steps", "python_rng")
 
     def save_checkpoint(self) -> None:
-        """Model, optimizer, RNG states, step and data position; written to a temp dir, then swapped in."""
-        tmp, final, old = (self.out / n for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp)
-        self.tok.save_pretrained(tmp)
-        torch.save({"optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate()}, tmp / "trainer.pt")  # fmt: skip
+        """Model, tokenizer, optimizer, RNG states, step and data position, swapped in atomically.
+
+        ``trainer.pt`` holds only tensors and plain containers (loaded with ``weights_only=True``);
+        counters and the Python RNG state are JSON in ``trainer_state.json``.
+        """
+
+        def payload(d: Path) -> None:
+            self.model.save_pretrained(d)
+            self.tok.save_pretrained(d)
+            torch.save({"optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state()}, d / "trainer.pt")
+
+        version, internal, gauss = random.getstate()
         state = {"step": self.step, "data_pos": self.data_pos, "opt_steps": self.opt_steps,
                  "best_val": self.best_val, "last_val": self.last_val, "collapse_step": self.collapse_step,
-                 "bad_steps": self.bad_steps}  # fmt: skip
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+                 "bad_steps": self.bad_steps, "python_rng": [version, list(internal), gauss]}  # fmt: skip
+        self.run.write_checkpoint(payload, state)
 
-    def _load_checkpoint(self) -> None:
-        ckpt = self.out / "checkpoint"
-        if not (ckpt / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"no checkpoint to resume in {self.out} (expected {ckpt}/trainer_state.json)")
-        self._setup_policy(ckpt)
+    def _load_trainer_state(self, ckpt: Path) -> None:
+        """Optimizer, RNG states and counters of checkpoint ``ckpt`` (the policy is already loaded from it);
+        metrics logged after it (the lost steps, a torn last line) are dropped."""
+        state = RunDir.read_state(ckpt, self.STATE_KEYS)
+        extra = load_tensors(ckpt / "trainer.pt")
         try:
-            extra = torch.load(ckpt / "trainer.pt", weights_only=False)
             self.opt.load_state_dict(extra["optimizer"])
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-        except Exception as e:
-            raise ValueError(f"checkpoint {ckpt} is corrupt or incomplete: {e}") from e
-        torch.set_rng_state(extra["torch_rng"])
-        random.setstate(extra["python_rng"])
+            torch.set_rng_state(extra["torch_rng"])
+            version, internal, gauss = state["python_rng"]
+            random.setstate((version, tuple(internal), gauss))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt or incomplete: {type(e).__name__}: {e}") from None
         self.step, self.data_pos, self.opt_steps = state["step"], state["data_pos"], state["opt_steps"]
         self.best_val, self.last_val = state["best_val"], state["last_val"]
         self.collapse_step, self.bad_steps = state["collapse_step"], state["bad_steps"]
-        # metrics written after the checkpoint belong to the lost steps: drop them
-        mfile = self.out / "metrics.jsonl"
-        lines = mfile.read_text().splitlines() if mfile.exists() else []
-        mfile.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= self.step))
+        self.run.truncate_metrics(self.step)
 
 
 def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
@@ -433,25 +474,29 @@ def _seed(seed: int, step: int, what: str) -> int:
     return random.Random(f"{seed}/{step}/{what}").randrange(2**31)
 
 
-def _tensorboard(out: Path):
+def _tensorboard(run: RunDir):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:
         return None
-    return SummaryWriter(str(out / "tb"))
+    return SummaryWriter(str(run.claim("tb")))
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    return Trainer(cfg, progress=progress).train()
+def train(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, progress=progress, overwrite=overwrite).train()
 
 
 def resume(run_dir: str | Path, progress: bool = True, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its last checkpoint (its saved config, optionally with overrides)."""
+    """Continue the run in ``run_dir`` from its last checkpoint (its saved config, optionally with overrides,
+    which are then saved as its config)."""
     run_dir = Path(run_dir)
+    RunDir.existing(run_dir, "train")  # a clear error before reading anything else
     cfg = load_config(TrainConfig, run_dir / "config.yaml", overrides or [])
-    if Path(cfg.out_dir).resolve() != run_dir.resolve():
-        cfg.out_dir = str(run_dir)
-    return Trainer(cfg, resume=True, progress=progress).train()
+    cfg.out_dir = str(run_dir)  # the directory may have been moved
+    trainer = Trainer(cfg, resume=True, progress=progress)
+    if overrides:
+        trainer.run.write_config(cfg)
+    return trainer.train()
 
 
 __all__ = [

@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rspo.errors import ModelError
 from rspo.routing.families import RouterFamily, RouterProb, family_of, router_log_probs_at
 
 Tensor = torch.Tensor
@@ -142,7 +143,7 @@ class MoERouters:
         self.family: RouterFamily = family_of(model)
         found = [(name, m) for name, m in model.named_modules() if type(m).__name__ == self.family.router_class]
         if not found:
-            raise ValueError(
+            raise ModelError(
                 f"{type(model).__name__} (model_type={self.family.model_type!r}) has no MoE layer "
                 f"(no {self.family.router_class} module): every layer is dense"
             )

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rspo.errors import ModelError
+
 Tensor = torch.Tensor
 RouterProb = Literal["full", "topk_renorm"]
 
@@ -94,11 +96,11 @@ def family_of(model: nn.Module) -> RouterFamily:
     names = {type(m).__name__ for m in model.modules()}
     looks_moe = any("router" in n.lower() or "moe" in n.lower() for n in names)
     if looks_moe:
-        raise ValueError(
+        raise ModelError(
             f"{type(model).__name__} (model_type={model_type!r}) has MoE modules but its router family is not "
             f"supported; supported model types: {', '.join(FAMILIES)}"
         )
-    raise ValueError(
+    raise ModelError(
         f"{type(model).__name__} (model_type={model_type!r}) has no MoE layer: router data needs a Mixture-of-"
         f"Experts model ({', '.join(FAMILIES)})"
     )

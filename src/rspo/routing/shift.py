@@ -9,6 +9,10 @@ MoE layer), under the old and under the current router, shaped ``(B, T, L, K)``:
     layer_agg='geo_mean'  (Eq. 6, 1/L):   log gamma = mean_l log g_l
     layer_agg='product'   (a verl fork):  log gamma = sum_l  log g_l
     gamma = max(exp(log gamma), gamma_min)
+
+Inputs are checked: NaN raises :class:`~rspo.errors.NonFiniteError` (the trainer counts it like a
+non-finite loss), a positive log-probability (+inf included) raises ``ValueError``; -inf (probability
+0) is allowed and clamped at ``eps``. ``gamma_min`` must lie in (0, 1].
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import math
 from typing import Literal, get_args
 
 import torch
+
+from rspo.errors import NonFiniteError
 
 Tensor = torch.Tensor
 ExpertAgg = Literal["log_mean", "mean_exp"]
@@ -29,6 +35,16 @@ def _validate(old: Tensor, new: Tensor, expert_agg: str, layer_agg: str, gamma_m
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4 or not t.is_floating_point():
             raise ValueError(f"{name} must be a float tensor (B, T, L, K), got shape {tuple(t.shape)} {t.dtype}")
+        with torch.no_grad():
+            nan = int(torch.isnan(t).sum())
+            if nan:
+                raise NonFiniteError(f"{name} has {nan} NaN entries (a diverged router?): gamma is undefined there")
+            pos = t > 0
+            if bool(pos.any()):
+                raise ValueError(
+                    f"{name} has {int(pos.sum())} positive entries (max {t.max().item():.4g}): router "
+                    f"log-probabilities must be <= 0 (probabilities <= 1)"
+                )
     if old.shape != new.shape:
         raise ValueError(f"new_logp_topk has shape {tuple(new.shape)}, old_logp_topk {tuple(old.shape)}: must match")
     if old.dtype != new.dtype:
@@ -37,8 +53,8 @@ def _validate(old: Tensor, new: Tensor, expert_agg: str, layer_agg: str, gamma_m
         raise ValueError(f"expert_agg={expert_agg!r}; valid values: {', '.join(get_args(ExpertAgg))}")
     if layer_agg not in get_args(LayerAgg):
         raise ValueError(f"layer_agg={layer_agg!r}; valid values: {', '.join(get_args(LayerAgg))}")
-    if not 0 <= gamma_min <= 1:
-        raise ValueError(f"gamma_min must be in [0, 1], got {gamma_min!r}")
+    if not (isinstance(gamma_min, (int, float)) and 0 < gamma_min <= 1):
+        raise ValueError(f"gamma_min must be in (0, 1], got {gamma_min!r}")
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
 
@@ -52,7 +68,7 @@ def router_shift_log_ratio(
     eps: float = 1e-8,
 ) -> Tensor:
     """log gamma before the floor, ``(B, T)``, differentiable w.r.t. ``new_logp_topk``."""
-    _validate(old_logp_topk, new_logp_topk, expert_agg, layer_agg, 0.0, eps)
+    _validate(old_logp_topk, new_logp_topk, expert_agg, layer_agg, 1.0, eps)
     log_eps = math.log(eps)
     d = (new_logp_topk.clamp(min=log_eps) - old_logp_topk.clamp(min=log_eps)).abs()  # (B, T, L, K)
     if expert_agg == "log_mean":
