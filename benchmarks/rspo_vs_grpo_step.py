@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from rspo.checkpoint import BASE_POLICY_DIR
 from rspo.config import build
+from rspo.policy import BASE_POLICY_DIR
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from rspo.checkpoint import BASE_POLICY_DIR, load_policy
 from rspo.config import build
+from rspo.policy import BASE_POLICY_DIR, load_policy
 from rspo.rundir import read_metrics
-from rspo.tasks.countdown import CountdownSplits
+from rspo.tasks import make_task
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 
@@ -51,12 +51,14 @@ def run_ours(model_dir: str, steps: int, work: Path) -> float:
 def run_trl(model_dir: str, steps: int, work: Path) -> float:
     from trl import GRPOConfig, GRPOTrainer
 
-    from rspo.integrations.trl import countdown_dataset, countdown_reward_func
+    from rspo.integrations.trl import task_dataset, task_reward_func
 
-    model, tok = load_policy(model_dir)
-    problems = CountdownSplits().train_stream(seed=1)
+    policy = load_policy(model_dir)
+    model, tok = policy.model, policy.tokenizer
+    task = make_task("countdown")
+    problems = task.train_examples(seed=1)
     rows = [next(problems) for _ in range(PROMPTS * steps)]
-    data, countdown_reward = countdown_dataset(rows), countdown_reward_func()
+    data, countdown_reward = task_dataset(task, rows), task_reward_func(task, rows)
     args = GRPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False,
                       per_device_train_batch_size=MINI, steps_per_generation=PROMPTS * GROUP // MINI,
                       num_generations=GROUP, max_completion_length=NEW_TOKENS,

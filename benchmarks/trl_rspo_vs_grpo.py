@@ -20,18 +20,18 @@ import warnings
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from rspo.checkpoint import BASE_POLICY_DIR, load_policy
-from rspo.integrations.trl import RSPOConfig, RSPOTrainer, countdown_dataset, countdown_reward_func
-from rspo.tasks.countdown import CountdownSplits
-
-reward_fn = countdown_reward_func()
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer, task_dataset, task_reward_func
+from rspo.policy import BASE_POLICY_DIR, load_policy
+from rspo.tasks import make_task
 
 
 def run(kind: str, steps: int) -> tuple[float, int]:
-    model, tok = load_policy(BASE_POLICY_DIR)
-    stream = CountdownSplits().train_stream(seed=1)
+    policy = load_policy(BASE_POLICY_DIR)
+    model, tok = policy.model, policy.tokenizer
+    task = make_task("countdown")
+    stream = task.train_examples(seed=1)
     rows = [next(stream) for _ in range(8 * steps)]
-    data = countdown_dataset(rows)
+    data, reward_fn = task_dataset(task, rows), task_reward_func(task, rows)
     common = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, gradient_checkpointing=False,
                   per_device_train_batch_size=64, steps_per_generation=2, num_generations=8, max_completion_length=32,
                   learning_rate=1e-5, beta=0.0, router_aux_loss_coef=0.0, max_steps=steps, logging_steps=1,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from rspo.checkpoint import BASE_POLICY_DIR, load_policy
-from rspo.integrations.trl import RSPOConfig, RSPOTrainer, countdown_dataset, countdown_reward_func
-from rspo.tasks.countdown import CountdownReward, CountdownSplits
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer, task_dataset, task_reward_func
+from rspo.policy import BASE_POLICY_DIR, load_policy
+from rspo.tasks import make_task
 
 
 def main() -> None:
@@ -23,11 +23,11 @@ def main() -> None:
     ap.add_argument("--objective", default="rspo")
     args = ap.parse_args()
 
-    model, tok = load_policy(BASE_POLICY_DIR)
-    stream = CountdownSplits().train_stream(seed=0)
+    policy = load_policy(BASE_POLICY_DIR)
+    task = make_task("countdown", {"score_format": 0.0})  # correctness-only reward, as the demo
+    stream = task.train_examples(seed=0)
     problems = [next(stream) for _ in range(16 * args.steps)]
-    data = countdown_dataset(problems)
-    countdown_reward = countdown_reward_func(CountdownReward(score_format=0.0))
+    data, countdown_reward = task_dataset(task, problems), task_reward_func(task, problems)
 
     config = RSPOConfig(
         output_dir=tempfile.mkdtemp(), objective=args.objective, router_shift_gamma_min=0.5,
@@ -36,8 +36,8 @@ def main() -> None:
         temperature=0.7, learning_rate=1e-4, beta=0.0, router_aux_loss_coef=0.0,
         max_steps=args.steps, logging_steps=1, report_to=[], save_strategy="no",
     )  # fmt: skip
-    trainer = RSPOTrainer(model=model, reward_funcs=countdown_reward, args=config, train_dataset=data,
-                          processing_class=tok)  # fmt: skip
+    trainer = RSPOTrainer(model=policy.model, reward_funcs=countdown_reward, args=config, train_dataset=data,
+                          processing_class=policy.tokenizer)  # fmt: skip
     trainer.train()
     for h in trainer.state.log_history:
         if "router/gamma_mean" in h:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rspo.checkpoint import BASE_POLICY_DIR, load_policy
 from rspo.cli import main
+from rspo.policy import BASE_POLICY_DIR, load_policy
 from rspo.pretrain import PretrainConfig, collate, lr_at, pretrain
 from rspo.tokenizer import build_char_tokenizer
 
@@ -42,22 +42,33 @@ def test_collate_masks_the_prompt():
 
 
 def test_shipped_base_policy_loads_in_fp32():
-    model, _tok = load_policy(BASE_POLICY_DIR)
+    model = load_policy(BASE_POLICY_DIR).model
     assert next(model.parameters()).dtype == torch.float32
     info = json.loads((BASE_POLICY_DIR / "pretrain.json").read_text())
     assert 0.10 <= info["shipped"]["test_greedy_acc"] <= 0.60  # leaves room for RL
     assert info["command"].startswith("rspo pretrain")
 
 
-def test_eval_cli_writes_jsonl(tmp_path, capsys):
-    out = tmp_path / "e.jsonl"
-    assert main(["eval", "--model", str(BASE_POLICY_DIR), "--split", "validation", "--limit", "24",
-                 "--out", str(out), "--threads", "1"]) == 0  # fmt: skip
+def test_eval_cli_writes_results_and_responses(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(BASE_POLICY_DIR), "--split", "validation", "--limit", "24", "--n", "2",
+                 "--out-dir", str(out), "--threads", "1"]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    assert "greedy" in text and "sampled(T=1)" in text and "accuracy" in text
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(rows) == 48 and {r["mode"] for r in rows} == {"greedy", "sampled(T=1)"}
+    assert "greedy" in text and "sampled(T=1)" in text and "avg@2" in text and "pass@2" in text
+    rows = [json.loads(x) for x in (out / "responses-validation.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 * 3 and {r["mode"] for r in rows} == {"greedy", "sampled(T=1)"}
     assert all(r["reward"] in (0.0, 0.1, 1.0) and r["prompt"].endswith("\n") for r in rows)
+    assert all(r["correct"] == (r["reason"] == "correct") for r in rows)
+    res = json.loads((out / "results.json").read_text())["results"]
+    greedy = sum(r["correct"] for r in rows if r["mode"] == "greedy") / 24
+    assert res["validation"]["greedy_pass@1"] == pytest.approx(greedy, abs=1e-12)
+    assert (out / "results.md").read_text().count("| validation |") == 1
+    # its own output is replaced only with --overwrite; the sampled responses are seeded (the same again)
+    assert main(["eval", "base", "--split", "validation", "--limit", "24", "--n", "2", "--out-dir", str(out)]) == 2
+    assert main(["eval", "base", "--split", "validation", "--limit", "24", "--n", "2", "--out-dir", str(out),
+                 "--overwrite", "--threads", "1"]) == 0  # fmt: skip
+    again = [json.loads(x) for x in (out / "responses-validation.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in again] == [r["response"] for r in rows]
 
 
 def test_load_policy_errors(tmp_path):

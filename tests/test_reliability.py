@@ -25,6 +25,7 @@ from rspo.cli import main
 from rspo.config import ConfigError, build, load_config, save_config
 from rspo.errors import CheckpointError, ModelError, RunDirError
 from rspo.rundir import MARKER, RunDir, read_metrics
+from rspo.tasks import Verdict
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 from tests.test_trainer import TIMING, tiny_cfg
@@ -278,8 +279,8 @@ BAD_VALUES = [
     ({"router_shift": {"top_k": 0}}, r"router_shift.top_k must be >= 1"),
     ({"optim": {"lr": math.inf}}, r"optim.lr must be a finite number, got inf"),
     ({"optim": {"lr": math.nan}}, r"optim.lr must be a finite number, got nan"),
-    ({"reward": {"score_correct": math.inf}}, r"reward.score_correct must be a finite number"),
-    ({"reward": {"score_format": math.nan}}, r"reward.score_format must be a finite number"),
+    ({"task": {"options": {"score_correct": math.inf}}}, r"task.options.score_correct must be a finite number"),
+    ({"task": {"options": {"score_format": math.nan}}}, r"task.options.score_format must be a finite number"),
     ({"checkpoint_every": 0}, r"checkpoint_every must be >= 1"),
     ({"eval_every": -1}, r"eval_every must be >= 1, or 0 for no validation"),
     ({"kl_coef": -0.1}, r"kl_coef >= 0"),
@@ -331,7 +332,7 @@ def test_trainer_checks_before_writing(tiny_policy, tmp_path):
     save_config(tiny_cfg(str(dense), run), cfg)
     r = cli("train", str(cfg))
     line = one_error_line(r.stderr, "train")
-    assert r.returncode == 2 and "Qwen3ForCausalLM (model_type='qwen3') has no MoE layer" in line
+    assert r.returncode == 2 and "Qwen3ForCausalLM is a dense model (no MoE router): router shift needs" in line
     assert not run.exists()
 
 
@@ -363,7 +364,7 @@ def test_model_directory_errors_are_one_line(tmp_path):
     r = cli("eval", "--model", str(d), "--limit", "1")
     assert r.returncode == 2 and "config.json" in one_error_line(r.stderr, "eval")
     with pytest.raises(ModelError, match="does not exist"):
-        from rspo.checkpoint import load_policy
+        from rspo.policy import load_policy
 
         load_policy(tmp_path / "nope")
 
@@ -486,16 +487,22 @@ def test_trainer_run_goes_on_with_a_hanging_reward(tiny_policy, tmp_path):
     import itertools
 
     tr = Trainer(tiny_cfg(tiny_policy, tmp_path / "r", steps=1, scoring__timeout_s=0.5), progress=False)
-    first, second = [p.target for p in itertools.islice(tr.splits.train_stream(seed=0), 2)]  # the step's prompts
+    first, second = [p.target for p in itertools.islice(tr.task.train_examples(seed=0), 2)]  # the step's prompts
     assert first != second
 
     class SometimesHangs:
-        def __call__(self, text, problem):
+        def __init__(self, task):
+            self.task = task
+
+        def __getattr__(self, name):
+            return getattr(self.task, name)
+
+        def verdict(self, text, problem):
             if problem.target == first:
                 time.sleep(600)
-            return math.nan if problem.target == second else 1.0
+            return Verdict(math.nan if problem.target == second else 1.0, "x", False)
 
-    tr.reward = SometimesHangs()
+    tr.task = SometimesHangs(tr.task)
     tr.train()
     row = read_metrics(tmp_path / "r")[-1]  # 4 responses per prompt: 4 hang, 4 return NaN
     assert row["step"] == 1 and row["reward/timeouts"] == 4 and row["reward/errors"] == 8

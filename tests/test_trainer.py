@@ -17,8 +17,9 @@ import torch
 
 from rspo.config import ConfigError, build, load_config
 from rspo.errors import CheckpointError, ModelError, RunDirError
+from rspo.policy import response_log_probs
 from rspo.train_config import TrainConfig
-from rspo.trainer import Trainer, TrainingError, token_log_probs
+from rspo.trainer import Trainer, TrainingError
 
 TIMING = ("time/", "perf/")
 
@@ -93,12 +94,12 @@ def test_first_minibatch_is_exactly_on_policy(tiny_policy, tmp_path):
     b = tr.rollout()
     tr.score_and_advantages(b)
     tr.old_pass(b)
-    mb = tr._order[: tr.cfg.mini_batch_size]
-    with tr.routers.gather(b.trace[mb], positions=b.resp) as cur:
-        logits = tr.model(input_ids=b.sequences[mb], attention_mask=b.attention_mask[mb]).logits
-    logp, _ = token_log_probs(logits, b.sequences[mb], b.prompt_len)
+    mb = b.order[: tr.cfg.mini_batch_size]
+    with tr.routing.forward(b.old[mb], b.resp) as cur:
+        logp, _, _ = response_log_probs(tr.model, b.sequences[mb], b.attention_mask[mb], b.response_len)
+    tr.routing.end()
     assert torch.equal(logp, b.old_log_probs[mb])  # ratio exactly 1
-    assert torch.equal(cur.trace.logp, b.trace[mb].logp)  # gamma exactly 1
+    assert torch.equal(cur.trace.logp, b.old[mb].trace.logp)  # gamma exactly 1
     stats = tr.update(b)  # two updates: the second is off-policy
     assert stats["offpolicy/router_gamma_mean"] < 1.0
     assert stats["offpolicy/ratio_std"] > 0
@@ -162,22 +163,25 @@ def test_nonfinite_loss_skips_then_stops(tiny_policy, tmp_path, monkeypatch):
     del good
 
 
-class FlakyReward:
-    """A reward function that raises for every third response."""
+class FlakyTask:
+    """The run's task, with a verdict that raises for every third response."""
 
-    def __init__(self):
-        self.n = 0
+    def __init__(self, task):
+        self.task, self.n = task, 0
 
-    def __call__(self, text, problem):
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def verdict(self, text, problem):
         self.n += 1
         if self.n % 3 == 0:
             raise RuntimeError("reward backend down")
-        return 1.0 if "<answer>" in text else 0.0
+        return self.task.verdict(text, problem)
 
 
 def test_reward_function_that_raises_is_counted(tiny_policy, tmp_path):
     tr = Trainer(tiny_cfg(tiny_policy, tmp_path / "rw", steps=1), progress=False)
-    tr.reward = FlakyReward()
+    tr.task = FlakyTask(tr.task)
     tr.train()
     row = metrics(tmp_path / "rw")[-1]
     assert row["reward/errors"] == 16 // 3

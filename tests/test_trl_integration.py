@@ -10,18 +10,18 @@ import torch
 
 pytest.importorskip("trl")
 
-from rspo.integrations.trl import RSPOConfig, RSPOTrainer, countdown_dataset, countdown_reward_func
-from rspo.tasks.countdown import CountdownSplits
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer, task_dataset, task_reward_func
+from rspo.policy import load_policy
+from rspo.tasks import make_task
 from rspo.trainer import Trainer
 from tests.test_trainer import tiny_cfg
 
+COUNTDOWN = make_task("countdown")
+
 
 def countdown_rows(n: int) -> list:
-    stream = CountdownSplits().train_stream(seed=3)
+    stream = COUNTDOWN.train_examples(seed=3)
     return [next(stream) for _ in range(n)]
-
-
-countdown_reward = countdown_reward_func()
 
 
 def make_trainer(model, tok, tmp_path, **kw) -> RSPOTrainer:
@@ -31,8 +31,9 @@ def make_trainer(model, tok, tmp_path, **kw) -> RSPOTrainer:
     args.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return RSPOTrainer(model=model, reward_funcs=countdown_reward, args=RSPOConfig(**args),
-                           train_dataset=countdown_dataset(countdown_rows(16)), processing_class=tok)  # fmt: skip
+        rows = countdown_rows(16)
+        return RSPOTrainer(model=model, reward_funcs=task_reward_func(COUNTDOWN, rows), args=RSPOConfig(**args),
+                           train_dataset=task_dataset(COUNTDOWN, rows), processing_class=tok)  # fmt: skip
 
 
 @pytest.mark.parametrize("objective", ["rspo", "grpo_rs", "gspo_token"])
@@ -65,7 +66,7 @@ def test_loss_and_gradients_equal_our_trainer(tiny_policy, tmp_path, objective):
     inputs = {"prompt_ids": b.sequences[:, :p], "prompt_mask": b.attention_mask[:, :p],
               "completion_ids": b.sequences[:, p:], "completion_mask": b.response_mask.long(),
               "advantages": b.advantages, "old_per_token_logps": b.old_log_probs,
-              "router_old_idx": b.trace.topk_idx, "router_old_logp": b.trace.logp}  # fmt: skip
+              "router_old_idx": b.old.trace.topk_idx, "router_old_logp": b.old.trace.logp}  # fmt: skip
     loss_b = tr._compute_loss(tr.model, inputs)
     loss_b.backward()
     grads_b = {n: q.grad for n, q in tr.model.named_parameters() if q.grad is not None}
@@ -103,9 +104,8 @@ def _gamma_log(trainer):
     ids=["rspo", "grpo", "grpo_rs", "gspo", "gspo_token_rs", "gmpo", "rspo_freeze", "grpo_replay_indices", "rspo_ga2"],
 )
 def test_end_to_end_runs(tiny_policy, tmp_path, kw):
-    from rspo.checkpoint import load_policy
-
-    model, tok = load_policy(tiny_policy)
+    pol = load_policy(tiny_policy)
+    model, tok = pol.model, pol.tokenizer
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tr = make_trainer(model, tok, tmp_path, **kw)
     tr.train()
@@ -123,9 +123,8 @@ def test_end_to_end_runs(tiny_policy, tmp_path, kw):
 
 
 def test_old_pass_forced_when_trl_would_skip_it(tiny_policy, tmp_path):
-    from rspo.checkpoint import load_policy
-
-    model, tok = load_policy(tiny_policy)
+    pol = load_policy(tiny_policy)
+    model, tok = pol.model, pol.tokenizer
     # one optimizer step per generation: TRL judges every step on-policy and skips the old pass
     tr = make_trainer(model, tok, tmp_path, steps_per_generation=1, max_steps=2)
     tr.train()
@@ -155,9 +154,8 @@ def test_example_script_runs():
 
 
 def test_num_iterations_reuses_the_trace(tiny_policy, tmp_path):
-    from rspo.checkpoint import load_policy
-
-    model, tok = load_policy(tiny_policy)
+    pol = load_policy(tiny_policy)
+    model, tok = pol.model, pol.tokenizer
     tr = make_trainer(model, tok, tmp_path, num_iterations=2, max_steps=4)  # 2 steps x 2 iterations per batch
     tr.train()
     gammas = _gamma_log(tr)

@@ -111,27 +111,76 @@ def _config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rspo.checkpoint import load_policy
-    from rspo.evaluate import evaluate, write_jsonl
-    from rspo.tasks.countdown import CountdownSplits
+    from rspo.config import _parse_scalar
+    from rspo.errors import ConfigError
+    from rspo.evaluate import evaluate, results_table, write_jsonl
+    from rspo.policy import load_policy, resolve_model_path
+    from rspo.rundir import RunDir
+    from rspo.tasks import make_task
 
-    if args.task != "countdown":
-        from rspo.errors import ConfigError
-
-        raise ConfigError(f"--task {args.task!r} is unknown; available: countdown")
+    model = args.model_pos or args.model
+    if not model or (args.model_pos and args.model and args.model_pos != args.model):
+        raise ConfigError("give the model once: rspo eval MODEL (or --model MODEL)")
+    options: dict = {}
+    for item in args.task_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--task-option {item!r} must look like key=value")
+        options[key] = _parse_scalar(value)
+    if args.data:
+        options["eval"] = dict(_name_path(d) for d in args.data)
+    task = make_task(args.task, options)
+    splits = args.split or (list(options["eval"]) if args.data else task.eval_splits()[-1:])
+    for split in splits:
+        task.eval_examples(split)  # an unknown split fails before the model is loaded
+    model_path = resolve_model_path(model)
+    out_dir = args.out_dir or f"runs/eval/{Path(model_path).name}-{task.name}"
+    RunDir.check_new(out_dir, "eval", overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
-    model, tok = load_policy(args.model)
-    problems = CountdownSplits().split(args.split)[: args.limit]
-    out = Path(args.out or f"{args.model.rstrip('/')}/eval-{args.task}-{args.split}.jsonl")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or --out another path")
-    records = []
-    for greedy in (True, False):
-        res = evaluate(model, tok, problems, greedy=greedy, temperature=args.temperature, seed=args.seed, progress=True)
-        print(res.summary())
-        records += [{**r, "mode": res.mode} for r in res.records]
-    write_jsonl(out, records)
-    print(f"{len(problems)} problems ({args.split}); responses written to {out}")
+    policy = load_policy(model_path, device=args.device, dtype=args.dtype)
+    run = RunDir.create(out_dir, "eval", overwrite=args.overwrite)
+    results: dict = {}
+    for split in splits:
+        examples = task.eval_examples(split)[: args.limit]
+        common = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
+                  "timeout_s": args.reward_timeout, "progress": True}  # fmt: skip
+        print(f"{split}: {len(examples)} examples")
+        res = {"greedy": evaluate(policy, task, examples, greedy=True, **common)}
+        if args.n:
+            res["sampled"] = evaluate(policy, task, examples, greedy=False, n=args.n, temperature=args.temperature,
+                                      top_p=args.top_p, **common)  # fmt: skip
+        for r in res.values():
+            print("  " + r.summary())
+        write_jsonl(run.claim(f"responses-{split}.jsonl"),
+                    [{**rec, "mode": r.mode} for r in res.values() for rec in r.records])  # fmt: skip
+        results[split] = res
+    table, data = results_table(results)
+    settings = (f"model {model_path}, task {task.name}, greedy and {args.n} sampled response(s) per example "
+                f"at T={args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}")  # fmt: skip
+    run.write_text("results.md", f"# Evaluation\n\n{settings}\n\n{table}\n")
+    run.write_json("results.json", {"settings": settings, "results": data})
+    print(f"\n{table}\n\nresults and responses: {run.path}")
+    return 0
+
+
+def _name_path(item: str) -> tuple[str, str]:
+    from rspo.errors import ConfigError
+
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--data {item!r} must look like NAME=PATH (e.g. aime24=data/aime24.parquet)")
+    return name, path
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from rspo.config import describe
+    from rspo.tasks import list_tasks, task_class
+
+    for name in list_tasks():
+        cls = task_class(name)
+        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  reasons: {', '.join(cls.reasons)}")
+        print("\n".join("  " + line for line in describe(cls.Options, "task.options.")) + "\n")
     return 0
 
 
@@ -206,22 +255,43 @@ def build_parser() -> argparse.ArgumentParser:
     pm = sub.add_parser("models", help="list the model presets with total and active parameter counts")
     pm.add_argument("--vocab-size", type=int, default=32, help="vocabulary size to count parameters with")
     pm.set_defaults(func=cmd_models)
-    pp = sub.add_parser("pretrain", help="pretrain a tiny MoE base policy on Countdown from scratch")
+    pp = sub.add_parser("pretrain", help="pretrain a tiny MoE base policy from scratch on a task's references")
+    _help_lists_fields(pp, "PretrainConfig")
     pp.add_argument("args", nargs="*", help="[CONFIG.yaml] then field=value overrides, e.g. steps=1200 out_dir=DIR")
     pp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     pp.set_defaults(func=cmd_pretrain)
-    pe = sub.add_parser("eval", help="greedy and sampled pass@1 of a policy on a task split, with a JSONL of responses")
-    pe.add_argument("--model", required=True, help="checkpoint directory (save_pretrained format)")
-    pe.add_argument("--task", default="countdown")
-    pe.add_argument("--split", default="test", choices=["validation", "test"])
-    pe.add_argument("--limit", type=_int_at_least(1), default=None, help="evaluate only the first N problems")
+    pe = sub.add_parser(
+        "eval",
+        help="greedy pass@1, sampled avg@n and pass@k of a policy on one or several benchmarks",
+        description="rspo eval MODEL --task math --data aime24=PATH --data math500=PATH --n 32 --temperature 0.6",
+    )
+    pe.add_argument("model_pos", nargs="?", metavar="MODEL", help="checkpoint directory, hub id, or 'base'")
+    pe.add_argument("--model", default=None, help="the same as MODEL")
+    pe.add_argument("--task", default="countdown", help="task name or pkg.module:TaskClass (see rspo tasks)")
+    pe.add_argument("--split", action="append", default=[], help="an evaluation split of the task (repeatable); "
+                    "default: the --data benchmarks, else the task's last split (countdown: test)")  # fmt: skip
+    pe.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                    help="a benchmark file (JSONL/Parquet) for the math task (repeatable)")  # fmt: skip
+    pe.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a task option, e.g. prompt_format=text (repeatable)")  # fmt: skip
+    pe.add_argument("--n", type=_int_at_least(0), default=1, help="sampled responses per example (0: greedy only)")
     pe.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature of the sampled pass")
+    pe.add_argument("--top-p", type=_unit_float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
+    pe.add_argument("--max-new-tokens", type=_int_at_least(1), default=None, help="default: the task's")
+    pe.add_argument("--limit", type=_int_at_least(1), default=None, help="evaluate only the first N examples")
+    pe.add_argument("--batch-size", type=_int_at_least(1), default=128, help="responses generated at once")
     pe.add_argument("--seed", type=int, default=0)
     pe.add_argument("--threads", type=_int_at_least(1), default=2)
-    pe.add_argument("--out", default=None, help="JSONL path (default: MODEL/eval-TASK-SPLIT.jsonl)")
-    pe.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    pe.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pe.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    pe.add_argument("--reward-timeout", type=_positive_float, default=10.0, help="seconds per reward call")
+    pe.add_argument("--out-dir", default=None, help="results.md, results.json, responses (default: runs/eval/...)")
+    pe.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out-dir")
     pe.set_defaults(func=cmd_eval)
+    ptk = sub.add_parser("tasks", help="the registered tasks, their reasons and options")
+    ptk.set_defaults(func=cmd_tasks)
     pt = sub.add_parser("train", help="GRPO-family RL of an MoE policy (YAML preset plus field=value overrides)")
+    _help_lists_fields(pt, "TrainConfig")
     pt.add_argument("args", nargs="*", help="CONFIG.yaml then overrides, e.g. objective.name=gspo seed=3")
     pt.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     pt.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -265,6 +335,31 @@ def _int_at_least(lo: int):
         return v
 
     return parse
+
+
+def _help_lists_fields(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--help`` ends with every config field (type, default, doc); built only when asked for, since the
+    config modules import transformers."""
+    base = parser.format_help
+
+    def format_help() -> str:
+        from rspo.config import describe
+
+        if name == "TrainConfig":
+            from rspo.train_config import TrainConfig as cls
+        else:
+            from rspo.pretrain import PretrainConfig as cls
+        fields = "\n".join(describe(cls))
+        return f"{base()}\nconfig fields (YAML keys; dotted as field.sub=value on the command line):\n{fields}\n"
+
+    parser.format_help = format_help  # type: ignore[method-assign]
+
+
+def _unit_float(text: str) -> float:
+    v = _positive_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
 
 
 def _positive_float(text: str) -> float:

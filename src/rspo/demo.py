@@ -6,12 +6,12 @@ import math
 import time
 from pathlib import Path
 
-from rspo.checkpoint import BASE_POLICY_DIR, load_policy
 from rspo.config import load_config
 from rspo.evaluate import evaluate, write_jsonl
 from rspo.plots import plot_runs
+from rspo.policy import load_policy, resolve_model_path
 from rspo.rundir import RunDir
-from rspo.tasks.countdown import CountdownSplits
+from rspo.tasks import make_task
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 
@@ -31,22 +31,21 @@ def run_demo(
     t0 = time.time()
     cfg = load_config(TrainConfig, config or _default_config(), overrides)
     RunDir.check_new(out_dir, "demo", overwrite=overwrite)
-    base_model, tok = load_policy(BASE_POLICY_DIR if cfg.model == "base" else cfg.model)
+    base = load_policy(resolve_model_path(cfg.model), device=cfg.device, dtype=cfg.dtype)
+    task = make_task(cfg.task.name, cfg.task.parsed)
     demo = RunDir.create(out_dir, "demo", overwrite=overwrite)
     out = demo.path
     cfg.out_dir = str(demo.claim(cfg.objective.name))
-    test = CountdownSplits().test[:eval_limit]
-    print(
-        f"base policy: {BASE_POLICY_DIR if cfg.model == 'base' else cfg.model}; evaluating on {len(test)} test problems"
-    )
-    before = [evaluate(base_model, tok, test, greedy=g, seed=cfg.seed, progress=True) for g in (True, False)]
+    test = task.eval_examples("test")[:eval_limit]
+    print(f"base policy: {base.path}; evaluating on {len(test)} test problems")
+    before = [evaluate(base, task, test, greedy=g, seed=cfg.seed, progress=True) for g in (True, False)]
     print(
         f"RL: {cfg.objective.name}, {cfg.steps} steps x {cfg.rollout.prompts_per_step} prompts x "
         f"{cfg.rollout.group_size} responses, {cfg.updates_per_step} updates per step"
     )
     trainer = Trainer(cfg)
     summary = trainer.train()
-    after = [evaluate(trainer.model, tok, test, greedy=g, seed=cfg.seed, progress=True) for g in (True, False)]
+    after = [evaluate(trainer.policy, task, test, greedy=g, seed=cfg.seed, progress=True) for g in (True, False)]
     write_jsonl(demo.claim("test-before.jsonl"), [r for res in before for r in res.records])
     write_jsonl(demo.claim("test-after.jsonl"), [r for res in after for r in res.records])
     png = plot_runs([cfg.out_dir], demo.claim("curves.png"), labels=[f"{cfg.objective.name} (demo)"])

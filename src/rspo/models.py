@@ -93,9 +93,9 @@ def _tiny(family: str) -> Callable[[dict[str, Any]], PretrainedConfig]:
                 layer_types=["full_attention"] * 3,
                 rope_parameters=_ROPE,
             )
-        if family == "deepseek_v3":
+        if family == "deepseek_v3":  # MLA: one key head per query head (grouped keys break generation)
             return DeepseekV3Config(
-                **common,
+                **{**common, "num_key_value_heads": common["num_attention_heads"]},
                 **tok,
                 intermediate_size=64,
                 moe_intermediate_size=16,

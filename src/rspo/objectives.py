@@ -52,7 +52,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 ROUTER_SHIFT_HPARAMS: dict[str, Any] = {
     "router_shift_placement": "after_clip",
     "router_shift_grad": False,
-    "gamma_min": None,
     "router_clip_threshold": None,
     "router_clip_drop": False,
 }
@@ -532,10 +531,9 @@ def _resolve_hparams(obj: Objective, with_router_shift: bool, hparams: dict[str,
         if not needs_norm and hp["norm_length"] is not None:
             raise ValueError(f"norm_length is only used by loss_agg='seq-mean-token-sum-norm', not {hp['loss_agg']!r}")
     if with_router_shift:
-        for key in ("gamma_min", "router_clip_threshold"):
-            v = hp[key]
-            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
-                raise ValueError(f"{key} must be in (0, 1], got {v!r}")
+        v = hp["router_clip_threshold"]
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
+            raise ValueError(f"router_clip_threshold must be in (0, 1], got {v!r}")
         for key in ("router_shift_grad", "router_clip_drop"):
             if not isinstance(hp[key], bool):
                 raise ValueError(f"{key} must be True or False, got {hp[key]!r}")
@@ -581,19 +579,18 @@ def compute_policy_loss(
             ``router_shift_grad=True``. Passing it to an objective that cannot use it is an error.
         **hparams: the objective's hyperparameters (see ``get_objective(name).defaults``) and,
             with ``router_shift``: ``router_shift_placement`` ('after_clip' | 'before_clip'),
-            ``router_shift_grad`` (ablation: let gradients flow into gamma), ``gamma_min`` (only
-            for the ``router/gamma_at_floor`` metric), ``router_clip_threshold`` (reports
-            ``router/clip_frac``, the paper snippet's router_clip_mask) and ``router_clip_drop``
-            (also drop those tokens from the loss).
+            ``router_shift_grad`` (ablation: let gradients flow into gamma), ``router_clip_threshold``
+            (reports ``router/clip_frac``, the paper snippet's router_clip_mask) and
+            ``router_clip_drop`` (also drop those tokens from the loss). The floor ``gamma_min`` is
+            applied where gamma is computed (:mod:`rspo.routing`); the loss takes gamma as given.
 
     Returns:
         ``(loss, metrics)``: the scalar loss to minimise and a dict of floats:
         ``loss/policy``, ``clip_ratio/{low,high,region}_mean`` (share of response tokens whose
         clip is active), ``ratio/{mean,std,max,min}`` (raw token ratio w over the mask,
         population std), ``kl/approx`` (mean of the k3 estimator (w - 1) - dl of KL(old||new)),
-        and with gamma ``router/gamma_mean``, ``router/gamma_p10``, ``router/gamma_min``,
-        ``router/gamma_at_floor`` (if ``gamma_min`` given), ``router/clip_frac`` (if a
-        threshold is given).
+        and with gamma ``router/gamma_mean``, ``router/gamma_p10``, ``router/gamma_min``, and
+        ``router/clip_frac`` (if a threshold is given).
     """
     obj = get_objective(name)
     hp = check_hparams(name, router_shift=router_shift is not None, **hparams)
@@ -679,7 +676,7 @@ def _metrics(
         "kl/approx": float((w - 1 - dl).mean()) if n else 0.0,
     }
     if gamma is not None:
-        out.update(gamma_metrics(gamma, mask, hp["gamma_min"], hp["router_clip_threshold"]))
+        out.update(gamma_metrics(gamma, mask, None, hp["router_clip_threshold"]))
     return out
 
 

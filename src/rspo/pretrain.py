@@ -1,10 +1,11 @@
-"""Pretrain a tiny MoE base policy on Countdown from scratch (supervised, on solver solutions).
+"""Pretrain a tiny MoE base policy from scratch, supervised on a task's reference responses.
 
-    rspo pretrain out_dir=runs/countdown-base steps=3000 [--overwrite]
+    rspo pretrain out_dir=runs/countdown-base steps=3000 [--overwrite]            # Countdown, char tokenizer
+    rspo pretrain task.name=arithmetic tokenizer=bpe out_dir=runs/math-tiny-base  # boxed arithmetic, BPE + chat
 
-Each example is ``prompt + <answer>solution</answer> + eos``; the loss covers the response and
-eos only (the prompt's numbers are random). Problems stream from the train split (disjoint from
-validation and test), solved exactly by the solver in a background thread.
+Each example is ``prompt + reference + eos`` (chat prompts rendered with the tokenizer's template); the
+loss covers the response and eos only. Examples stream from the task's training stream (disjoint
+from its evaluation splits); for Countdown the exact solver solves them in a background thread.
 """
 
 from __future__ import annotations
@@ -18,26 +19,37 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from rspo.config import to_dict
+from rspo.errors import ConfigError
 from rspo.evaluate import evaluate
 from rspo.models import PRESETS, build_model, count_parameters
+from rspo.policy import policy_of, render_prompt
 from rspo.rundir import RunDir, crash_point
-from rspo.tasks.countdown import CountdownSplits, format_answer, make_prompt, solve
-from rspo.tokenizer import build_char_tokenizer
+from rspo.tasks import Prompt, Task, make_task
+from rspo.tokenizer import build_bpe_tokenizer, build_char_tokenizer
+from rspo.train_config import TaskConfig
 
 
 @dataclass
 class PretrainConfig:
     preset: str = "qwen3-moe-countdown"
     """Model preset from ``rspo models``."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Task whose reference responses are the training data (countdown: solver solutions; arithmetic and
+    math: worked solutions); validation on its first evaluation split, the final test on its last."""
+    tokenizer: Literal["char", "bpe"] = "char"
+    """char: the Countdown character tokenizer; bpe: byte-level BPE trained here on shipped text, with a
+    ChatML chat template."""
+    bpe_vocab_size: int = 512
+    """Vocabulary size of the BPE tokenizer (>= 300)."""
     out_dir: str = "runs/countdown-base"
     """Directory the final checkpoint (model, tokenizer, pretrain.json) is written to."""
     seed: int = 0
@@ -57,7 +69,7 @@ class PretrainConfig:
     eval_problems: int = 200
     """Validation problems per periodic check."""
     final_eval: bool = True
-    """Evaluate greedy and sampled (T=1) accuracy on the full test split at the end."""
+    """Evaluate greedy and sampled (T=1) accuracy on the task's last evaluation split at the end."""
     threads: int = 2
     """torch CPU threads."""
     shuffle_buffer: int = 4096
@@ -75,42 +87,51 @@ class PretrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_problems < 1:
             raise ValueError("warmup_steps and eval_every must be >= 0, eval_problems >= 1")
+        if self.bpe_vocab_size < 300:
+            raise ValueError(f"bpe_vocab_size must be >= 300, got {self.bpe_vocab_size}")
 
 
-class SolvedStream:
-    """(prompt, response) pairs from the train stream, solved in a background thread, shuffled in a buffer.
+class ReferenceStream:
+    """(prompt, reference) pairs of a task's training stream, made in a background thread (the Countdown
+    solver is the slow part) and shuffled in a buffer.
 
-    The producer is a single thread writing in generation order and the shuffle uses its own
-    seeded RNG, so the sequence of examples is deterministic for a seed.
+    The producer is a single thread writing in stream order and the shuffle uses its own seeded RNG, so
+    the sequence of examples is deterministic for a seed.
     """
 
-    def __init__(self, splits: CountdownSplits, seed: int, buffer: int = 4096) -> None:
-        self._q: queue.Queue[tuple[str, str]] = queue.Queue(maxsize=8192)
+    def __init__(self, task: Task, seed: int, buffer: int = 4096) -> None:
+        self._q: queue.Queue[tuple[Prompt, str]] = queue.Queue(maxsize=8192)
         self._stop = threading.Event()
+        self._error: BaseException | None = None
         self._rng = random.Random(seed)
-        self._buffer: list[tuple[str, str]] = []
+        self._buffer: list[tuple[Prompt, str]] = []
         self._size = buffer
-        stream = splits.train_stream(seed=seed, targets_per_draw=4)
-        self._thread = threading.Thread(target=self._produce, args=(stream,), daemon=True)
+        self._thread = threading.Thread(target=self._produce, args=(task.references(seed),), daemon=True)
         self._thread.start()
 
     def _produce(self, stream) -> None:
-        for p in stream:
-            if self._stop.is_set():
-                return
-            item = (make_prompt(p), format_answer(solve(p.numbers, p.target)))
-            while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+        try:
+            for item in stream:
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._error = e
 
-    def take(self, n: int) -> list[tuple[str, str]]:
+    def take(self, n: int) -> list[tuple[Prompt, str]]:
         out = []
         while len(out) < n:
             while len(self._buffer) < self._size:
-                self._buffer.append(self._q.get())
+                try:
+                    self._buffer.append(self._q.get(timeout=0.5))
+                except queue.Empty:
+                    if self._error is not None:
+                        raise self._error from None
             j = self._rng.randrange(len(self._buffer))
             self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
             out.append(self._buffer.pop())
@@ -120,11 +141,12 @@ class SolvedStream:
         self._stop.set()
 
 
-def collate(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids/attention_mask and labels (-100 outside response + eos)."""
+def collate(tokenizer, pairs: list[tuple[Prompt, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids/attention_mask and labels (-100 outside response + eos). Prompts are rendered
+    and tokenized exactly as the policy does for RL (:func:`rspo.policy.render_prompt`)."""
     seqs, labels = [], []
     for prompt, response in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=isinstance(prompt, str))["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(p + r)
         labels.append([-100] * len(p) + r)
@@ -143,24 +165,26 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def pretrain(
-    cfg: PretrainConfig, splits: CountdownSplits | None = None, progress: bool = True, overwrite: bool = False
-) -> dict[str, Any]:
+def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Run pretraining; returns the metrics written to ``out_dir/pretrain.json``.
 
     ``out_dir`` is claimed before training starts: it must be new, empty, or (``overwrite``) an earlier
     pretraining output, whose files are then replaced; anything else is refused untouched.
     """
+    task = make_task(cfg.task.name, cfg.task.parsed)
+    splits = task.eval_splits()
+    if (cfg.eval_every or cfg.final_eval) and not splits:
+        raise ConfigError(f"task {task.name!r} has no evaluation split: set eval_every=0 and final_eval=false")
     run = RunDir.create(cfg.out_dir, "pretrain", overwrite=overwrite)
     torch.set_num_threads(cfg.threads)
-    splits = splits or CountdownSplits()
-    tok = build_char_tokenizer()
+    tok = build_char_tokenizer() if cfg.tokenizer == "char" else build_bpe_tokenizer(vocab_size=cfg.bpe_vocab_size)
     model = build_model(cfg.preset, len(tok), seed=cfg.seed, pad_token_id=tok.pad_token_id,
                         eos_token_id=tok.eos_token_id)  # fmt: skip
     total, active = count_parameters(model)
+    policy = policy_of(model, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    stream = SolvedStream(splits, cfg.seed, buffer=cfg.shuffle_buffer)
-    val = splits.validation[: cfg.eval_problems]
+    stream = ReferenceStream(task, cfg.seed, buffer=cfg.shuffle_buffer)
+    val = task.eval_examples(splits[0])[: cfg.eval_problems] if cfg.eval_every else []
     history: list[dict[str, float]] = []
     t0, tokens = time.time(), 0
     bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
@@ -186,7 +210,7 @@ def pretrain(
                 "tokens_per_s": tokens / (time.time() - t0),
             }
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                last_acc = evaluate(model, tok, val, greedy=True).accuracy
+                last_acc = evaluate(policy, task, val, greedy=True).accuracy
                 rec["val_greedy_acc"] = last_acc
             history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", val_acc=f"{last_acc:.1%}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -198,14 +222,14 @@ def pretrain(
         "train_seconds": round(train_s, 1), "tokens": tokens, "final_loss": history[-1]["loss"],
     }  # fmt: skip
     if cfg.final_eval:
-        greedy = evaluate(model, tok, splits.test, greedy=True, progress=progress)
-        sampled = evaluate(model, tok, splits.test, greedy=False, temperature=1.0, seed=cfg.seed, progress=progress)
-        result.update(
-            test_greedy_acc=greedy.accuracy,
-            test_sampled_acc=sampled.accuracy,
-            test_greedy_by_count=_by_count(greedy.records),
-            test_sampled_by_count=_by_count(sampled.records),
-        )
+        test = task.eval_examples(splits[-1])
+        greedy = evaluate(policy, task, test, greedy=True, progress=progress)
+        sampled = evaluate(policy, task, test, greedy=False, temperature=1.0, seed=cfg.seed, progress=progress)
+        result.update(test_split=splits[-1], test_greedy_acc=greedy.accuracy, test_sampled_acc=sampled.accuracy)
+        if all("numbers" in r for r in greedy.records):  # Countdown: accuracy by number count
+            result.update(
+                test_greedy_by_count=_by_count(greedy.records), test_sampled_by_count=_by_count(sampled.records)
+            )
     save_policy(run, model, tok, {**result, "history": history}, cfg)
     return result
 
@@ -214,7 +238,7 @@ def _by_count(records: list[dict]) -> dict[str, float]:
     out = {}
     for n in sorted({len(r["numbers"]) for r in records}):
         sub = [r for r in records if len(r["numbers"]) == n]
-        out[str(n)] = sum(r["reason"] == "correct" for r in sub) / len(sub)
+        out[str(n)] = sum(r["correct"] for r in sub) / len(sub)
     return out
 
 

@@ -1,9 +1,10 @@
 """Scoring responses with a reward function that may raise, return garbage, or hang.
 
-    rewards, reasons, errors = score(texts, items, reward_fn, timeout_s=10.0, workers=1)
+    scored = score(texts, items, task, timeout_s=10.0, workers=1)   # .rewards, .reasons, .correct
 
-``reward_fn`` is either a plain callable ``reward_fn(text, item) -> float`` or an object with
-``verdict(text, item)`` returning something with ``.reward`` and ``.reason``.
+``reward_fn`` is a task (an object with ``verdict(text, item)`` returning ``.reward``, ``.reason`` and
+``.correct``, see :class:`rspo.tasks.Verdict`) or a plain callable ``reward_fn(text, item) -> float``,
+whose response counts as correct when its reward is >= 1.
 
 With ``timeout_s`` set (the default in the trainer and in evaluation), the calls run in a forked
 worker process (``workers`` of them, responses interleaved): a call that does not return within
@@ -34,10 +35,11 @@ REWARD_ERROR, REWARD_TIMEOUT = "reward_error", "reward_timeout"
 
 @dataclass
 class Scored:
-    """Rewards and reasons in input order, plus the first error message of each kind (for a log line)."""
+    """Rewards, reasons and correctness in input order, plus the first error message of each kind."""
 
     rewards: list[float]
     reasons: list[str]
+    correct: list[bool]
     messages: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -49,27 +51,27 @@ class Scored:
         return sum(r == REWARD_TIMEOUT for r in self.reasons)
 
 
-def _call(reward_fn: Any, text: str, item: Any) -> tuple[float, str]:
-    """One reward call, validated: (reward, reason); raises on anything that is not a finite real."""
+def _call(reward_fn: Any, text: str, item: Any) -> tuple[float, str, bool]:
+    """One reward call, validated: (reward, reason, correct); raises on a reward that is not a finite real."""
     if hasattr(reward_fn, "verdict"):
         v = reward_fn.verdict(text, item)
-        value, reason = v.reward, v.reason
+        value, reason, correct = v.reward, v.reason, v.correct
     else:
-        value, reason = reward_fn(text, item), "ok"
+        value = reward_fn(text, item)
+        reason, correct = "ok", None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"the reward must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"the reward must be finite, got {value}")
-    return value, str(reason)
+    return value, str(reason), bool(value >= 1.0 if correct is None else correct)
 
 
-def _score_one(reward_fn: Any, text: str, item: Any) -> tuple[float, str, str | None]:
+def _score_one(reward_fn: Any, text: str, item: Any) -> tuple[float, str, bool, str | None]:
     try:
-        r, why = _call(reward_fn, text, item)
-        return r, why, None
+        return (*_call(reward_fn, text, item), None)
     except BaseException as e:  # a broken reward function must not stop a run (even sys.exit)
-        return 0.0, REWARD_ERROR, f"{type(e).__name__}: {e}"[:500]
+        return 0.0, REWARD_ERROR, False, f"{type(e).__name__}: {e}"[:500]
 
 
 def _die_with_parent() -> None:
@@ -124,10 +126,10 @@ def score(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     n = len(texts)
-    out = Scored([0.0] * n, [""] * n)
+    out = Scored([0.0] * n, [""] * n, [False] * n)
 
-    def record(i: int, r: float, why: str, msg: str | None) -> None:
-        out.rewards[i], out.reasons[i] = r, why
+    def record(i: int, r: float, why: str, ok: bool, msg: str | None) -> None:
+        out.rewards[i], out.reasons[i], out.correct[i] = r, why, ok
         if msg is not None:
             out.messages.setdefault(why, msg)
 
@@ -149,19 +151,19 @@ def score(
                 restart: list[int] | None = None
                 if w.conn in ready:
                     try:
-                        i, r, why, msg = w.conn.recv()
+                        i, *result = w.conn.recv()
                     except (EOFError, OSError):  # finished, or died inside the reward function
                         if w.todo:
-                            record(w.todo[0], 0.0, REWARD_ERROR, "the reward function killed its worker process")
+                            record(w.todo[0], 0.0, REWARD_ERROR, False, "the reward function killed its worker")
                             restart = w.todo[1:]
                         w.kill()
                         active.remove(w)
                     else:
-                        record(i, r, why, msg)
+                        record(i, *result)
                         w.todo.pop(0)
                         w.deadline = time.monotonic() + timeout_s
                 elif time.monotonic() >= w.deadline:
-                    record(w.todo[0], 0.0, REWARD_TIMEOUT, f"no result within {timeout_s:g} s")
+                    record(w.todo[0], 0.0, REWARD_TIMEOUT, False, f"no result within {timeout_s:g} s")
                     restart = w.todo[1:]
                     w.kill()
                     active.remove(w)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from rspo.objectives import (
     LossAgg,
@@ -13,10 +13,11 @@ from rspo.objectives import (
     get_objective,
     list_objectives,
 )
+from rspo.policy import Device, DType
 from rspo.routing.families import RouterProb
 from rspo.routing.shift import ExpertAgg, LayerAgg
-
-RoutingControl = Literal["none", "freeze", "replay_logits", "replay_indices"]
+from rspo.routing.step import RoutingControl, RoutingOptions
+from rspo.tasks import task_options
 
 
 def resolve_router_shift(objective: str, enabled: bool | None) -> bool:
@@ -41,7 +42,6 @@ def objective_hparams(
     router_shift: bool,
     placement: str,
     stop_gradient: bool,
-    gamma_min: float,
     form: str,
     clip_threshold: float | None = None,
     clip_drop: bool = False,
@@ -57,7 +57,6 @@ def objective_hparams(
         hp.update(
             router_shift_placement=placement,
             router_shift_grad=not stop_gradient,
-            gamma_min=gamma_min,
             router_clip_threshold=clip_threshold,
             router_clip_drop=clip_drop,
         )
@@ -77,7 +76,7 @@ class ObjectiveConfig:
     loss_agg: LossAgg | None = None
     """Token aggregation for grpo / gspo_token; None = default (seq-mean-token-mean). Error for others."""
     norm_length: float | None = None
-    """Dr. GRPO's constant normaliser (with loss_agg=seq-mean-token-sum-norm); None = rollout.max_new_tokens."""
+    """Dr. GRPO's constant normaliser (with loss_agg=seq-mean-token-sum-norm); None = the response length limit."""
 
     def __post_init__(self) -> None:
         if self.name not in list_objectives():
@@ -141,30 +140,34 @@ class RolloutConfig:
     """Prompts per rollout batch."""
     group_size: int = 8
     """Responses per prompt (G); rollout batch = prompts_per_step * group_size."""
-    max_new_tokens: int = 32
-    """Response length limit."""
+    max_new_tokens: int | None = None
+    """Response length limit; None = the task's (task.options.max_new_tokens)."""
     temperature: float = 1.0
     """Sampling temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
 
     def __post_init__(self) -> None:
-        if self.prompts_per_step < 1 or self.group_size < 2 or self.max_new_tokens < 1:
+        if self.prompts_per_step < 1 or self.group_size < 2 or (self.max_new_tokens or 1) < 1:
             raise ValueError("rollout.prompts_per_step >= 1, group_size >= 2 and max_new_tokens >= 1 required")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ValueError("rollout.temperature must be > 0 and top_p in (0, 1]")
 
 
 @dataclass
-class RewardConfig:
-    score_correct: float = 1.0
-    """Reward of a correct answer."""
-    score_format: float = 0.1
-    """Well-formed but wrong answer (TinyZero's format score)."""
-    score_no_answer: float = 0.0
-    """No <answer> tag."""
-    score_unparsable: float = 0.0
-    """A tag whose content is not an expression (TinyZero gives its format score here)."""
+class TaskConfig:
+    name: str = "countdown"
+    """Task: countdown | math | arithmetic, or an import path pkg.module:TaskClass (a rspo.tasks.Task)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The task's options, e.g. {train: [data.parquet], eval: {aime24: aime24.jsonl}} for math; an unknown
+    option is an error listing the valid ones (`rspo tasks` lists every task's options)."""
+
+    def __post_init__(self) -> None:
+        self.parsed = task_options(self.name, self.options)  # validated now; the task is built by the trainer
+
+    @property
+    def max_new_tokens(self) -> int:
+        return int(getattr(self.parsed, "max_new_tokens", 512))
 
 
 @dataclass
@@ -204,9 +207,13 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     model: str = "base"
-    """Policy checkpoint directory, or 'base' for the Countdown base policy shipped with rspo."""
-    task: Literal["countdown"] = "countdown"
-    """Task."""
+    """Policy: a checkpoint directory, a hub id (from the local cache), or 'base' (the shipped Countdown policy)."""
+    device: Device = "auto"
+    """Where the policy and every tensor of the loop live: auto (cuda if available), cpu or cuda."""
+    dtype: DType = "float32"
+    """Parameter dtype: float32, or bfloat16 (GPU; on this CPU 6x slower than float32)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (less memory, about a third more compute)."""
     out_dir: str = "runs/train"
     """Run directory: config.yaml, metrics.jsonl, checkpoints, plots."""
     seed: int = 0
@@ -226,7 +233,9 @@ class TrainConfig:
     eval_every: int = 10
     """Steps between greedy validation-accuracy checks (0 = never, the only period where 0 means off)."""
     eval_problems: int = 200
-    """Validation problems per check."""
+    """Validation examples per check (the first ones of the split)."""
+    eval_split: str | None = None
+    """Validation split of the task; None = its first (countdown: validation)."""
     eval_samples: int = 0
     """Also log ``val/accuracy_sampled``: pass@1 of this many responses per validation problem sampled at
     the rollout temperature (fixed seeds, so checks are comparable); 0 = greedy accuracy only."""
@@ -238,18 +247,19 @@ class TrainConfig:
     """Consecutive non-finite losses after which the run stops (the last good checkpoint stays)."""
     threads: int = 2
     """torch CPU threads."""
-    log_router: bool = True
+    log_router: bool | None = None
     """Capture router data for diagnostics (gamma, non-shifted ratio, load) even when the objective and the
-    routing control do not need it; false skips capture for such runs (e.g. to time plain GRPO)."""
+    routing control do not need it; None = on for MoE models, off for dense ones; false skips capture
+    (e.g. to time plain GRPO); true on a dense model is an error."""
     log_grad_variance: bool = False
     """Log grad/minibatch_var: the variance across a step's mini-batches of the (unclipped) policy gradient,
     summed over parameters, and grad/minibatch_cos between consecutive mini-batch gradients (the
     variance the paper says RSPO reduces). Costs one flattened gradient copy per update."""
+    task: TaskConfig = field(default_factory=TaskConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     router_shift: RouterShiftConfig = field(default_factory=RouterShiftConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -282,8 +292,15 @@ class TrainConfig:
             raise ValueError(f"objective: {e}") from None
 
     @property
-    def needs_router_trace(self) -> bool:
-        return bool(self.router_shift.enabled) or self.routing.control.startswith("replay") or self.log_router
+    def max_new_tokens(self) -> int:
+        """The response length limit: rollout.max_new_tokens, or the task's."""
+        return self.rollout.max_new_tokens or self.task.max_new_tokens
+
+    def routing_options(self) -> RoutingOptions:
+        rs = self.router_shift
+        return RoutingOptions(shift=bool(rs.enabled), expert_agg=rs.expert_agg, layer_agg=rs.layer_agg,
+                              gamma_min=rs.gamma_min, stop_gradient=rs.stop_gradient, top_k=rs.top_k, prob=rs.prob,
+                              control=self.routing.control, log=self.log_router)  # fmt: skip
 
     @property
     def updates_per_step(self) -> int:
@@ -294,7 +311,7 @@ class TrainConfig:
         o, rs = self.objective, self.router_shift
         return objective_hparams(
             o.name, clip_low=o.clip_low, clip_high=o.clip_high, loss_agg=o.loss_agg,
-            norm_length=o.norm_length or self.rollout.max_new_tokens, router_shift=rs.enabled,
-            placement=rs.placement, stop_gradient=rs.stop_gradient, gamma_min=rs.gamma_min, form=rs.form,
+            norm_length=o.norm_length or self.max_new_tokens, router_shift=rs.enabled,
+            placement=rs.placement, stop_gradient=rs.stop_gradient, form=rs.form,
             clip_threshold=rs.clip_threshold, clip_drop=rs.clip_drop,
         )  # fmt: skip

@@ -1,8 +1,8 @@
-"""The RL loop: GRPO-family training of an MoE policy, readable top to bottom.
+"""The RL loop: GRPO-family training of a (MoE) policy on any task, readable top to bottom.
 
 One step of ``train``:
-  1. rollout    sample prompts; G responses each with the current policy (KV cache)
-  2. score      rewards from the task (a reward function that raises gives 0 and is counted)
+  1. rollout    sample prompts from the task; G responses each with the sampler (KV cache)
+  2. score      the task's verdicts, in a forked worker (errors and hangs are counted, the run goes on)
   3. advantage  group-relative (std-normalised, or Dr. GRPO's mean-only); zero-spread groups counted
   4. old pass   one no-grad forward: old log-probs and the old router trace together
   5. update     split the rollout batch into mini-batches, one optimizer step each, ppo_epochs
@@ -10,11 +10,13 @@ One step of ``train``:
                 gives log-probs, entropy and the current router log-probs at the old experts.
   6. log        metrics.jsonl (+ TensorBoard if installed), periodic validation, collapse
                 detection, atomic checkpoints.
+
+What passes between phases lives on the :class:`RolloutBatch`; the trainer holds only what lasts a run
+(policy, optimizer, task, counters). Every tensor the loop makes lives on the policy's device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import random
@@ -26,23 +28,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rspo.checkpoint import BASE_POLICY_DIR, load_policy
-from rspo.config import load_config, to_dict
+from rspo.config import load_config
 from rspo.errors import CheckpointError, ConfigError, NonFiniteError
 from rspo.evaluate import evaluate
 from rspo.objectives import compute_policy_loss, masked_mean
-from rspo.rollout import generate
-from rspo.routing import (
-    MoERouters,
-    RouterTrace,
-    gamma_metrics,
-    non_shifted_ratio,
-    router_shift_ratio,
-    router_shift_ratio_with_grad,
-)
+from rspo.policy import HFSampler, load_policy, resolve_model_path, response_log_probs
+from rspo.routing import RouterTrace
+from rspo.routing.step import OldTrace, RoutingStep
 from rspo.rundir import RunDir, crash_point, is_collapsed, load_tensors
 from rspo.scoring import REWARD_ERROR, REWARD_TIMEOUT, score
-from rspo.tasks.countdown import CountdownReward, CountdownSplits, Problem, make_prompt
+from rspo.tasks import make_task
 from rspo.train_config import TrainConfig
 
 Tensor = torch.Tensor
@@ -53,41 +48,38 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------
-# Batch containers
+# The rollout batch: everything one step's phases hand to each other
 # ----------------------------------------------------------------------------------------
 @dataclass
 class RolloutBatch:
     """One rollout batch of B = prompts x G responses. Shapes in comments."""
 
-    problems: list[Problem]  # (B,) each prompt's problem repeated G times
+    examples: list[Any]  # (B,) each prompt's example repeated G times
     sequences: Tensor  # (B, P + T) left-padded prompt, right-padded response
     attention_mask: Tensor  # (B, P + T)
     prompt_len: int  # P
-    response_mask: Tensor  # (B, T) 1 on response tokens incl. eos
+    response_mask: Tensor  # (B, T) float, 1 on response tokens incl. the stop token
     texts: list[str]  # (B,)
-    rewards: Tensor = None  # (B,)
+    rewards: Tensor | None = None  # (B,)
     reasons: list[str] = field(default_factory=list)
-    advantages: Tensor = None  # (B,)
-    loss_mask: Tensor = None  # (B, T) response mask without dropped groups
-    old_log_probs: Tensor = None  # (B, T)
-    trace: RouterTrace | None = None  # (B, T, L, K) old router at response positions
-    full_trace: RouterTrace | None = None  # (B, P + T, L, k) for routing replay
+    correct: list[bool] = field(default_factory=list)
+    advantages: Tensor | None = None  # (B,)
+    zero_spread: float = 0.0  # share of groups whose rewards are all equal
+    loss_mask: Tensor | None = None  # (B, T) response mask without dropped groups
+    order: Tensor | None = None  # (B,) row order of the first epoch's mini-batches (the old pass's)
+    old_log_probs: Tensor | None = None  # (B, T)
+    ref_log_probs: Tensor | None = None  # (B, T) under the initial policy (kl_coef > 0)
+    old: OldTrace | None = None  # old router record (B, T, L, K); every position for replay
 
     @property
     def resp(self) -> slice:
-        """Sequence positions whose logits score the response tokens."""
+        """Sequence positions whose outputs score the response tokens (and whose routing is the token's)."""
         t = self.response_mask.shape[1]
         return slice(self.prompt_len - 1, self.prompt_len - 1 + t)
 
-
-def token_log_probs(logits: Tensor, batch_seqs: Tensor, prompt_len: int) -> tuple[Tensor, Tensor]:
-    """Log-prob of each response token and the policy entropy there, both ``(B, T)``."""
-    t = batch_seqs.shape[1] - prompt_len
-    logits = logits[:, prompt_len - 1 : prompt_len - 1 + t].float()  # (B, T, V)
-    lsm = torch.log_softmax(logits, dim=-1)
-    logp = lsm.gather(-1, batch_seqs[:, prompt_len:, None]).squeeze(-1)  # (B, T)
-    entropy = -(lsm.exp() * lsm).sum(-1)  # (B, T)
-    return logp, entropy
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
 
 
 def group_advantages(rewards: Tensor, group_size: int, mode: str) -> tuple[Tensor, Tensor]:
@@ -116,26 +108,23 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.out_dir)
         torch.set_num_threads(cfg.threads)
-        model_dir = BASE_POLICY_DIR if cfg.model == "base" else Path(cfg.model)
+        self.model_path = resolve_model_path(cfg.model)
         self.step, self.data_pos, self.opt_steps = 0, 0, 0
         self.best_val, self.collapse_step, self.bad_steps = -1.0, None, 0
+        self.last_val = float("nan")
         self._reward_messages: set[str] = set()
-        self.splits = CountdownSplits()
-        self.reward = CountdownReward(**to_dict(cfg.reward))
         self.hparams = cfg.objective_hparams()
         if resume:
             self.run = RunDir.existing(self.out, "train")
         else:  # everything that can be wrong with the input is found before the directory is touched
             RunDir.check_new(self.out, "train", overwrite=overwrite)
-            self._setup_policy(model_dir)
-            self.ref_model = load_policy(model_dir)[0] if cfg.kl_coef > 0 else None
+            self._setup(self.model_path)
             self.run = RunDir.create(self.out, "train", overwrite=overwrite)
         self.run.lock()
         try:
             if resume:
                 ckpt = self.run.latest_checkpoint()  # recovers a kill during the checkpoint swap
-                self._setup_policy(ckpt or model_dir)
-                self.ref_model = load_policy(model_dir)[0] if cfg.kl_coef > 0 else None
+                self._setup(str(ckpt) if ckpt else self.model_path)
                 if ckpt is None:  # killed before its first checkpoint: start again from step 0
                     self.run.truncate_metrics(-1)
                 else:
@@ -146,25 +135,37 @@ class Trainer:
         except BaseException:
             self.run.close()
             raise
-        self.stream = self.splits.train_stream(seed=cfg.seed)
+        self.stream = self.task.train_examples(seed=cfg.seed)
         for _ in range(self.data_pos):  # the data position survives restarts
             next(self.stream)
 
-    def _setup_policy(self, model_dir: Path) -> None:
-        """Policy, tokenizer, router hooks (with the routing control) and optimizer from a checkpoint dir."""
+    def _setup(self, model_dir: str) -> None:
+        """Task, policy (device, dtype), sampler, routing step and optimizer; the reference policy for KL."""
         cfg = self.cfg
-        self.model, self.tok = load_policy(model_dir)
+        self.task = make_task(cfg.task.name, cfg.task.parsed)
+        self.val_split = cfg.eval_split or (self.task.eval_splits() or [None])[0]
+        if cfg.eval_every and self.val_split not in self.task.eval_splits():
+            raise ConfigError(
+                f"eval_split={self.val_split!r}: task {self.task.name!r} has splits {self.task.eval_splits()} "
+                f"(set task.options.eval, eval_split, or eval_every=0)"
+            )
+        self.policy = load_policy(model_dir, device=cfg.device, dtype=cfg.dtype,
+                                  gradient_checkpointing=cfg.gradient_checkpointing)  # fmt: skip
+        self.device = self.policy.device
+        self.model, self.tok = self.policy.model, self.policy.tokenizer
         self.model.train()
+        self.sampler = HFSampler(self.policy)
         try:
-            self.routers = MoERouters(self.model, top_k=cfg.router_shift.top_k, prob=cfg.router_shift.prob)
+            self.routing = RoutingStep(self.model, cfg.routing_options())
         except ValueError as e:
             if "top_k" not in str(e):
                 raise
             raise ConfigError(f"router_shift.top_k={cfg.router_shift.top_k}: {e}") from None
-        if cfg.routing.control == "freeze":
-            self.routers.freeze()
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                      weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))  # fmt: skip
+        self.ref_model = None
+        if cfg.kl_coef > 0:
+            self.ref_model = load_policy(self.model_path, device=cfg.device, dtype=cfg.dtype).model
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -198,8 +199,10 @@ class Trainer:
                 rec.update(self._validate())
             self._log(rec)  # 6
             crash_point("step_logged")
-            bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", val_acc=f"{self.last_val:.1%}",
-                            gamma=f"{rec.get('router/gamma_mean', float('nan')):.3f}")  # fmt: skip
+            post = {"reward": f"{rec['reward/mean']:.3f}", "val_acc": f"{self.last_val:.1%}"}
+            if "offpolicy/router_gamma_mean" in rec:  # the drift RSPO sees (the first update's gamma is 1)
+                post["gamma_off"] = f"{rec['offpolicy/router_gamma_mean']:.4f}"
+            bar.set_postfix(post)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
         return self.summary()
@@ -207,26 +210,27 @@ class Trainer:
     # ------------------------------------------------------------------ 1. rollout
     def rollout(self) -> RolloutBatch:
         r = self.cfg.rollout
-        prompts_p = [next(self.stream) for _ in range(r.prompts_per_step)]
+        prompts = [next(self.stream) for _ in range(r.prompts_per_step)]
         self.data_pos += r.prompts_per_step
-        problems = [p for p in prompts_p for _ in range(r.group_size)]
-        gen = generate(self.model, self.tok, [make_prompt(p) for p in problems], max_new_tokens=r.max_new_tokens,
-                       greedy=False, temperature=r.temperature, top_p=r.top_p,
-                       generator_seed=_seed(self.cfg.seed, self.step, "sample"))  # fmt: skip
-        return RolloutBatch(problems, gen.sequences, gen.attention_mask, gen.prompt_len,
+        examples = [p for p in prompts for _ in range(r.group_size)]
+        gen = self.sampler.sample([self.task.prompt(x) for x in examples], max_new_tokens=self.cfg.max_new_tokens,
+                                  temperature=r.temperature, top_p=r.top_p, stop_strings=self.task.stop_strings,
+                                  seed=_seed(self.cfg.seed, self.step, "sample"))  # fmt: skip
+        return RolloutBatch(examples, gen.sequences, gen.attention_mask, gen.prompt_len,
                             gen.response_mask.float(), gen.texts)  # fmt: skip
 
     # ------------------------------------------------------------------ 2-3. rewards, advantages
     def score_and_advantages(self, b: RolloutBatch) -> None:
         sc = self.cfg.scoring
-        scored = score(b.texts, b.problems, self.reward, timeout_s=sc.timeout_s, workers=sc.workers)
+        scored = score(b.texts, b.examples, self.task, timeout_s=sc.timeout_s, workers=sc.workers)
         for why, msg in scored.messages.items():
             if why not in self._reward_messages:  # the first error of each kind, once per run
                 self._reward_messages.add(why)
                 tqdm.write(f"step {self.step + 1}: {why} (first of this run; reward 0, counted): {msg}")
-        b.rewards, b.reasons = torch.tensor(scored.rewards), scored.reasons
+        b.rewards = torch.tensor(scored.rewards, device=self.device)
+        b.reasons, b.correct = scored.reasons, scored.correct
         b.advantages, zero = group_advantages(b.rewards, self.cfg.rollout.group_size, self.cfg.advantage)
-        self._zero_spread = float(zero.float().mean())
+        b.zero_spread = float(zero.float().mean())
         keep = torch.ones_like(b.rewards)
         if self.cfg.drop_zero_spread:
             keep = (~zero).float().repeat_interleave(self.cfg.rollout.group_size)
@@ -239,34 +243,25 @@ class Trainer:
 
         Same rows, same order, same model: the first mini-batch's ratios and gamma are exactly 1.
         """
-        replay = self.cfg.routing.control in ("replay_logits", "replay_indices")
-        self._order = torch.randperm(len(b.texts), generator=torch.Generator().manual_seed(
-            _seed(self.cfg.seed, self.step, "order")))  # fmt: skip
+        b.order = _permutation(len(b.texts), _seed(self.cfg.seed, self.step, "order"), self.device)
         logps, traces = [], []
-        for mb in self._order.split(self.cfg.mini_batch_size):
-            with contextlib.ExitStack() as stack:
-                rec = None
-                if self.cfg.needs_router_trace:
-                    rec = stack.enter_context(
-                        self.routers.capture(positions=None if replay else b.resp, weights=replay)
-                    )
-                logits = self.model(input_ids=b.sequences[mb], attention_mask=b.attention_mask[mb]).logits
-            logps.append(token_log_probs(logits, b.sequences[mb], b.prompt_len)[0])
+        for mb in b.order.split(self.cfg.mini_batch_size):
+            with self.routing.capture(b.resp, chunks="sequence") as rec:
+                logp, _, _ = response_log_probs(self.model, b.sequences[mb], b.attention_mask[mb], b.response_len,
+                                                entropy=False)  # fmt: skip
+            logps.append(logp)
             if rec is not None:
                 traces.append(rec.trace)
-        inv = torch.argsort(self._order)  # back to rollout order
+        inv = torch.argsort(b.order)  # back to rollout order
         b.old_log_probs = torch.cat(logps)[inv]
         if traces:
-            full = RouterTrace(
-                torch.cat([t.topk_idx for t in traces])[inv],
-                torch.cat([t.logp for t in traces])[inv],
-                None if traces[0].weights is None else torch.cat([t.weights for t in traces])[inv],
-            )
-            b.full_trace = full if replay else None
-            b.trace = full.positions(b.resp) if replay else full
+            weights = None if traces[0].weights is None else torch.cat([t.weights for t in traces])[inv]
+            full = RouterTrace(torch.cat([t.topk_idx for t in traces])[inv], torch.cat([t.logp for t in traces])[inv],
+                               weights)  # fmt: skip
+            b.old = self.routing.old_trace(full, b.resp)
         if self.ref_model is not None:
-            ref_logits = self.ref_model(input_ids=b.sequences, attention_mask=b.attention_mask).logits
-            self._ref_logp = token_log_probs(ref_logits, b.sequences, b.prompt_len)[0]
+            b.ref_log_probs = response_log_probs(self.ref_model, b.sequences, b.attention_mask, b.response_len,
+                                                 entropy=False)[0]  # fmt: skip
 
     # ------------------------------------------------------------------ 5. update
     def update(self, b: RolloutBatch) -> dict[str, float]:
@@ -274,8 +269,8 @@ class Trainer:
         per_update: list[dict[str, float]] = []
         grads: list[Tensor] = []  # flattened gradients of this step's updates (log_grad_variance)
         for epoch in range(cfg.ppo_epochs):
-            order = self._order if epoch == 0 else torch.randperm(len(b.texts), generator=torch.Generator().manual_seed(
-                _seed(cfg.seed, self.step, f"order{epoch}")))  # fmt: skip
+            order = b.order if epoch == 0 else _permutation(len(b.texts), _seed(cfg.seed, self.step, f"order{epoch}"),
+                                                             self.device)  # fmt: skip
             for mb in order.split(cfg.mini_batch_size):
                 try:
                     loss, m = self.policy_loss(b, mb)
@@ -284,7 +279,7 @@ class Trainer:
                     tqdm.write(f"step {self.step + 1}: {e}")
                 m["train/nonfinite_loss"] = 0.0
                 if not torch.isfinite(loss):
-                    self.routers.stop_replay()
+                    self.routing.end()
                     self.bad_steps += 1
                     m["train/nonfinite_loss"] = 1.0
                     tqdm.write(f"step {self.step + 1}: non-finite loss ({loss.item()}), optimizer step skipped "
@@ -300,7 +295,7 @@ class Trainer:
                 self.bad_steps = 0
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                self.routers.stop_replay()
+                self.routing.end()  # replay stayed on through the backward (checkpointed layers recompute)
                 params = [p for p in self.model.parameters() if p.requires_grad]
                 if cfg.log_grad_variance:
                     grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
@@ -325,82 +320,62 @@ class Trainer:
     def policy_loss(self, b: RolloutBatch, mb: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Loss and metrics of mini-batch ``mb`` (row indices): one forward gives log-probs, entropy and
         the current router at the old experts; gamma; the objective; optional KL and router aux loss."""
-        cfg, rs = self.cfg, self.cfg.router_shift
-        if b.full_trace is not None:  # stays on through backward (checkpointed layers recompute); update() stops it
-            mode = "logits" if cfg.routing.control == "replay_logits" else "indices"
-            self.routers.start_replay(b.full_trace[mb], mode=mode)
-        with contextlib.ExitStack() as stack:
-            cur = None
-            if b.trace is not None:
-                cur = stack.enter_context(self.routers.gather(b.trace[mb], positions=b.resp,
-                                                              keep_grad=not rs.stop_gradient))  # fmt: skip
-            out = self.model(input_ids=b.sequences[mb], attention_mask=b.attention_mask[mb],
-                             output_router_logits=cfg.routing.aux_loss_coef > 0)  # fmt: skip
-        logp, entropy = token_log_probs(out.logits, b.sequences[mb], b.prompt_len)  # (m, T)
-        gamma = None
-        if cur is not None:
-            shift_fn = router_shift_ratio if rs.stop_gradient else router_shift_ratio_with_grad
-            gamma = shift_fn(b.trace[mb].logp, cur.trace.logp, expert_agg=rs.expert_agg,
-                             layer_agg=rs.layer_agg, gamma_min=rs.gamma_min)  # (m, T)  # fmt: skip
+        cfg = self.cfg
+        old = b.old[mb] if b.old is not None else None
+        with self.routing.forward(old, b.resp) as cur:
+            logp, entropy, aux = response_log_probs(self.model, b.sequences[mb], b.attention_mask[mb], b.response_len,
+                                                    output_router_logits=cfg.routing.aux_loss_coef > 0)  # fmt: skip
+        gamma = self.routing.gamma(old, cur.trace) if cur is not None else None  # (m, T)
         mask = b.loss_mask[mb]
         loss, m = compute_policy_loss(cfg.objective.name, logp, b.old_log_probs[mb], b.advantages[mb], mask,
-                                      router_shift=gamma if rs.enabled else None, **self.hparams)  # fmt: skip
-        if self.ref_model is not None:
-            d = self._ref_logp[mb] - logp
+                                      router_shift=gamma if cfg.router_shift.enabled else None,
+                                      **self.hparams)  # fmt: skip
+        if b.ref_log_probs is not None:
+            d = b.ref_log_probs[mb] - logp
             kl = masked_mean(torch.exp(d) - d - 1, mask)
             loss = loss + cfg.kl_coef * kl
             m["kl/ref"] = float(kl.detach())
         if cfg.routing.aux_loss_coef > 0:
-            loss = loss + cfg.routing.aux_loss_coef * out.aux_loss
-            m["router/aux_loss"] = float(out.aux_loss.detach())
+            loss = loss + cfg.routing.aux_loss_coef * aux
+            m["router/aux_loss"] = float(aux.detach())
         if cur is not None:
-            m.update(self._router_metrics(b.trace[mb], cur.trace, gamma.detach(), b.response_mask[mb]))
-        m["entropy/mean"] = float(masked_mean(entropy.detach(), b.response_mask[mb]))
+            m.update(self.routing.metrics(old, cur.trace, gamma, b.response_mask[mb]))
+        m["entropy/mean"] = float(masked_mean(entropy, b.response_mask[mb]))
         return loss, m
-
-    def _router_metrics(self, old: RouterTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor) -> dict[str, float]:
-        idx = cur.topk_idx.long()[mask > 0]  # (n, L, K) current experts
-        loads = torch.stack([torch.bincount(idx[:, layer].reshape(-1), minlength=self.routers.num_experts)
-                             for layer in range(idx.shape[1])]).float()  # (L, E)  # fmt: skip
-        share = loads / loads.sum(1, keepdim=True).clamp(min=1)
-        return {
-            **gamma_metrics(gamma, mask, self.cfg.router_shift.gamma_min),
-            "router/non_shifted_ratio": non_shifted_ratio(old.topk_idx, cur.topk_idx, mask),
-            "router/load_max_ratio": float((share.max(1).values * self.routers.num_experts).mean()),
-        }
 
     # ------------------------------------------------------------------ 6. metrics, validation, checkpoints
     def _rollout_metrics(self, b: RolloutBatch) -> dict[str, float]:
         lengths = b.response_mask.sum(1)
         return {
             "reward/mean": float(b.rewards.mean()), "reward/std": float(b.rewards.std()),
-            "reward/accuracy": sum(r == "correct" for r in b.reasons) / len(b.reasons),
+            "reward/accuracy": sum(b.correct) / len(b.correct),
             "reward/errors": float(sum(r in (REWARD_ERROR, REWARD_TIMEOUT) for r in b.reasons)),
             "reward/timeouts": float(sum(r == REWARD_TIMEOUT for r in b.reasons)),
-            "reward/zero_spread_groups": self._zero_spread,
+            "reward/zero_spread_groups": b.zero_spread,
             "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
         }  # fmt: skip
 
-    last_val = float("nan")
-
     def _validate(self) -> dict[str, float]:
-        val = self.splits.validation[: self.cfg.eval_problems]
-        acc = evaluate(self.model, self.tok, val, greedy=True).accuracy
+        cfg = self.cfg
+        val = self.task.eval_examples(self.val_split)[: cfg.eval_problems]
+        common = {"max_new_tokens": cfg.max_new_tokens, "timeout_s": cfg.scoring.timeout_s,
+                  "workers": cfg.scoring.workers, "sampler": self.sampler}  # fmt: skip
+        acc = evaluate(self.policy, self.task, val, greedy=True, **common).accuracy
         rec = {"val/accuracy": acc}
-        if self.cfg.eval_samples:
-            sampled = evaluate(self.model, self.tok, list(val) * self.cfg.eval_samples, greedy=False,
-                               temperature=self.cfg.rollout.temperature, seed=self.cfg.seed)  # fmt: skip
-            rec["val/accuracy_sampled"] = sampled.accuracy
+        if cfg.eval_samples:
+            rec["val/accuracy_sampled"] = evaluate(self.policy, self.task, val, greedy=False, n=cfg.eval_samples,
+                                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                                   seed=cfg.seed, **common).accuracy  # fmt: skip
         self.model.train()
         self.last_val = acc
         self.best_val = max(self.best_val, acc)
         rec |= {"val/best": self.best_val, "val/collapsed": 0.0}
-        if is_collapsed(acc, self.best_val, self.cfg.collapse_drop):
+        if is_collapsed(acc, self.best_val, cfg.collapse_drop):
             rec["val/collapsed"] = 1.0
             if self.collapse_step is None:
                 self.collapse_step = self.step
                 tqdm.write(f"COLLAPSE at step {self.step}: validation accuracy {acc:.1%} is below "
-                           f"{1 - self.cfg.collapse_drop:.0%} of its best {self.best_val:.1%}")  # fmt: skip
+                           f"{1 - cfg.collapse_drop:.0%} of its best {self.best_val:.1%}")  # fmt: skip
         return rec
 
     def _log(self, rec: dict[str, Any]) -> None:
@@ -430,7 +405,10 @@ class Trainer:
         def payload(d: Path) -> None:
             self.model.save_pretrained(d)
             self.tok.save_pretrained(d)
-            torch.save({"optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state()}, d / "trainer.pt")
+            rng = {"torch_rng": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+            torch.save({"optimizer": self.opt.state_dict(), **rng}, d / "trainer.pt")
 
         version, internal, gauss = random.getstate()
         state = {"step": self.step, "data_pos": self.data_pos, "opt_steps": self.opt_steps,
@@ -446,6 +424,8 @@ class Trainer:
         try:
             self.opt.load_state_dict(extra["optimizer"])
             torch.set_rng_state(extra["torch_rng"])
+            if "cuda_rng" in extra and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(extra["cuda_rng"])
             version, internal, gauss = state["python_rng"]
             random.setstate((version, tuple(internal), gauss))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -462,8 +442,8 @@ def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
     out = {k: sum(m[k] for m in items if k in m) / sum(k in m for m in items) for k in keys}
     out["train/nonfinite_loss"] = sum(m.get("train/nonfinite_loss", 0.0) for m in items)
     if len(items) > 1:
-        for k in ("ratio/std", "ratio/max", "clip_ratio/region_mean", "router/gamma_mean", "router/non_shifted_ratio",
-                  "kl/approx"):  # fmt: skip
+        for k in ("ratio/std", "ratio/max", "clip_ratio/region_mean", "router/gamma_mean", "router/gamma_p10",
+                  "router/non_shifted_ratio", "kl/approx"):  # fmt: skip
             vals = [m[k] for m in items[1:] if k in m]
             if vals:
                 out[f"offpolicy/{k.replace('/', '_')}"] = sum(vals) / len(vals)
@@ -472,6 +452,11 @@ def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
 
 def _seed(seed: int, step: int, what: str) -> int:
     return random.Random(f"{seed}/{step}/{what}").randrange(2**31)
+
+
+def _permutation(n: int, seed: int, device: torch.device) -> Tensor:
+    """A seeded permutation (drawn on the CPU, so it is the same on every device), placed on ``device``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def _tensorboard(run: RunDir):
@@ -499,13 +484,4 @@ def resume(run_dir: str | Path, progress: bool = True, overrides: list[str] | No
     return trainer.train()
 
 
-__all__ = [
-    "RolloutBatch",
-    "Trainer",
-    "TrainingError",
-    "group_advantages",
-    "resume",
-    "to_dict",
-    "token_log_probs",
-    "train",
-]
+__all__ = ["RolloutBatch", "Trainer", "TrainingError", "group_advantages", "resume", "train"]

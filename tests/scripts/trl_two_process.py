@@ -6,16 +6,17 @@ import json
 import sys
 import tempfile
 
-from rspo.checkpoint import load_policy
-from rspo.integrations.trl import RSPOConfig, RSPOTrainer, countdown_dataset, countdown_reward_func
-from rspo.tasks.countdown import CountdownSplits
+from rspo.integrations.trl import RSPOConfig, RSPOTrainer, task_dataset, task_reward_func
+from rspo.policy import load_policy
+from rspo.tasks import make_task
 
-policy, out = sys.argv[1], sys.argv[2]
-model, tok = load_policy(policy)
-stream = CountdownSplits().train_stream(seed=0)
+policy_dir, out = sys.argv[1], sys.argv[2]
+policy = load_policy(policy_dir)
+model, tok = policy.model, policy.tokenizer
+task = make_task("countdown")
+stream = task.train_examples(seed=0)
 rows = [next(stream) for _ in range(32)]
-data = countdown_dataset(rows)
-countdown_reward = countdown_reward_func()
+data, countdown_reward = task_dataset(task, rows), task_reward_func(task, rows)
 
 args = RSPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, gradient_checkpointing=False,
                   per_device_train_batch_size=4, steps_per_generation=2, num_generations=4, max_completion_length=14,

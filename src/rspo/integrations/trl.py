@@ -29,9 +29,9 @@ What the subclass changes, and nothing else:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,36 +41,32 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rspo.config import check_value
 from rspo.objectives import LossAgg, RouterShiftForm, RouterShiftPlacement, compute_policy_loss, list_objectives
-from rspo.routing import (
-    ExpertAgg,
-    LayerAgg,
-    MoERouters,
-    RouterProb,
-    RouterTrace,
-    gamma_metrics,
-    non_shifted_ratio,
-    router_shift_ratio,
-    router_shift_ratio_with_grad,
-)
-from rspo.tasks.countdown import CountdownReward, Problem, make_prompt
-from rspo.train_config import RoutingControl, objective_hparams, resolve_router_shift
+from rspo.routing import ExpertAgg, LayerAgg, RouterProb, RouterTrace
+from rspo.routing.step import RoutingControl, RoutingOptions, RoutingStep
+from rspo.scoring import score
+from rspo.tasks import Task
+from rspo.train_config import objective_hparams, resolve_router_shift
 
 
-def countdown_dataset(problems: list[Problem]) -> Dataset:
-    """A TRL prompt dataset of Countdown problems (columns prompt, numbers, target)."""
-    return Dataset.from_dict({"prompt": [make_prompt(p) for p in problems],
-                              "numbers": [list(p.numbers) for p in problems],
-                              "target": [p.target for p in problems]})  # fmt: skip
+def task_dataset(task: Task, examples: Sequence[Any]) -> Dataset:
+    """A TRL prompt dataset for ``examples`` of ``task``: ``prompt`` (text, or chat messages that TRL renders
+    with the tokenizer's chat template) and ``example_id`` (the index the reward function looks up)."""
+    prompts = [task.prompt(x) for x in examples]
+    if len({isinstance(p, str) for p in prompts}) > 1:
+        raise ValueError(f"task {task.name!r} mixes text and chat prompts; TRL needs one kind per dataset")
+    return Dataset.from_dict({"prompt": prompts, "example_id": list(range(len(examples)))})
 
 
-def countdown_reward_func(reward: CountdownReward | None = None):
-    """A TRL reward function scoring completions of :func:`countdown_dataset` prompts."""
-    reward = reward or CountdownReward()
+def task_reward_func(task: Task, examples: Sequence[Any], timeout_s: float | None = 10.0):
+    """A TRL reward function scoring completions of :func:`task_dataset` prompts with the task's verdicts
+    (in a forked worker with a time limit per call, as ``rspo train`` scores them)."""
 
-    def countdown_reward(prompts, completions, numbers, target, **kwargs) -> list[float]:
-        return [reward(c, Problem(tuple(n), t)) for c, n, t in zip(completions, numbers, target, strict=True)]
+    def reward(prompts, completions, example_id, **kwargs) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # chat: the assistant turn
+        return score(texts, [examples[i] for i in example_id], task, timeout_s=timeout_s).rewards
 
-    return countdown_reward
+    reward.__name__ = f"{task.name}_reward"
+    return reward
 
 
 @dataclass
@@ -109,8 +105,14 @@ class RSPOConfig(GRPOConfig):
             self.objective, clip_low=self.clip_low, clip_high=self.clip_high, loss_agg=self.objective_loss_agg,
             norm_length=self.max_completion_length, router_shift=self.router_shift,
             placement=self.router_shift_placement, stop_gradient=self.router_shift_stop_gradient,
-            gamma_min=self.router_shift_gamma_min, form=self.router_shift_form,
+            form=self.router_shift_form,
         )  # fmt: skip
+
+    def routing_options(self) -> RoutingOptions:
+        return RoutingOptions(shift=bool(self.router_shift), expert_agg=self.router_shift_expert_agg,
+                              layer_agg=self.router_shift_layer_agg, gamma_min=self.router_shift_gamma_min,
+                              stop_gradient=self.router_shift_stop_gradient, top_k=self.router_shift_top_k,
+                              prob=self.router_shift_prob, control=self.routing_control)  # fmt: skip
 
 
 RSPO_FIELDS = {f.name for f in dataclasses.fields(RSPOConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
@@ -125,43 +127,33 @@ class RSPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, RSPOConfig):
             raise TypeError("RSPOTrainer needs args=RSPOConfig(...)")
-        self.routers = MoERouters(self.accelerator.unwrap_model(self.model), top_k=self.args.router_shift_top_k,
-                                  prob=self.args.router_shift_prob)  # fmt: skip
-        if self.args.routing_control == "freeze":
-            self.routers.freeze()
+        self.routing = RoutingStep(self.accelerator.unwrap_model(self.model), self.args.routing_options())
         self._hparams = self.args.objective_hparams()
-        self._replay = self.args.routing_control.startswith("replay")
         self._router_mode: str | None = None
-        self._trace: RouterTrace | None = None
+        self._old = None
 
     # -------------------------------------------------------------- the forward, with router hooks
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
         policy = self.accelerator.unwrap_model(model) is self.accelerator.unwrap_model(self.model)
-        if self._router_mode is None or not policy:  # reference-model and other passes: untouched
+        if self._router_mode is None or not policy or not self.routing.active:  # reference model etc.: untouched
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *a, **kw
             )
         mode, self._router_mode = self._router_mode, None
         s = input_ids.shape[1]
         resp = slice(s - logits_to_keep - 1, s - 1)  # the positions whose logits score the completion
-        with contextlib.ExitStack() as stack:
-            if mode == "capture":
-                rec = stack.enter_context(self.routers.capture(positions=None if self._replay else resp,
-                                                               weights=self._replay, chunks="batch"))  # fmt: skip
-            else:
-                full, trace = self._trace
-                if full is not None:  # stays on through TRL's backward (checkpointed layers are recomputed)
-                    ctl = "logits" if self.args.routing_control == "replay_logits" else "indices"
-                    self.routers.start_replay(full, mode=ctl)
-                keep = not self.args.router_shift_stop_gradient
-                rec = stack.enter_context(self.routers.gather(trace, positions=resp, keep_grad=keep))
+        # the old pass runs in row chunks; the training forward replays (kept on through TRL's backward)
+        ctx = self.routing.capture(resp, chunks="batch") if mode == "capture" else self.routing.forward(self._old, resp)
+        with ctx as rec:
             out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *a, **kw)
         self._captured = rec.trace
         return out
 
     # -------------------------------------------------------------- old pass: logps + trace together
     def _generate_and_score_completions(self, inputs):
-        self.routers.stop_replay()  # generation and the old pass use the model's own routing
+        self.routing.end()  # generation and the old pass use the model's own routing
+        if not self.routing.active:
+            return super()._generate_and_score_completions(inputs)
         self._router_mode, self._captured = "capture", None
         try:
             out = super()._generate_and_score_completions(inputs)
@@ -191,19 +183,19 @@ class RSPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         t = completion_ids.size(1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        old = RouterTrace(inputs["router_old_idx"], inputs["router_old_logp"], inputs.get("router_old_weights"))
         s = input_ids.shape[1]
         resp = slice(s - t - 1, s - 1)
-        trace = old.positions(resp) if self._replay else old
-        self._trace, self._router_mode = (old if self._replay else None, trace), "gather"
+        old = None
+        if self.routing.active:
+            full = RouterTrace(inputs["router_old_idx"], inputs["router_old_logp"], inputs.get("router_old_weights"))
+            old = self.routing.old_trace(full, resp)
+            self._old, self._router_mode = old, "gather"
         logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, t, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled
         )  # (B, T)
-        cur = self._captured
-        old_logps = inputs["old_per_token_logps"]
-        shift = router_shift_ratio if args.router_shift_stop_gradient else router_shift_ratio_with_grad
-        gamma = shift(trace.logp, cur.logp, expert_agg=args.router_shift_expert_agg,
-                      layer_agg=args.router_shift_layer_agg, gamma_min=args.router_shift_gamma_min)  # fmt: skip
+        gamma = self.routing.gamma(old, self._captured) if old is not None else None
+        old_logps = inputs.get("old_per_token_logps")
+        old_logps = logps.detach() if old_logps is None else old_logps  # TRL skips the old pass on-policy
         adv = inputs["advantages"].to(logps.dtype)
         loss, metrics = compute_policy_loss(
             args.objective, logps, old_logps.to(logps.dtype), adv, mask.to(logps.dtype),
@@ -219,10 +211,9 @@ class RSPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
-        sel = mask > 0
-        metrics.update(gamma_metrics(gamma, mask, args.router_shift_gamma_min))
-        metrics["router/non_shifted_ratio"] = non_shifted_ratio(trace.topk_idx, cur.topk_idx, mask)
-        metrics["entropy"] = float(entropies.detach()[sel].mean())
+        if old is not None:
+            metrics.update(self.routing.metrics(old, self._captured, gamma, mask))
+        metrics["entropy"] = float(entropies.detach()[mask > 0].mean())
         keys = sorted(metrics)  # one gather for all metrics (a process-group call per metric would be slow)
         local = torch.tensor([float(metrics[k]) for k in keys], device=logps.device)
         gathered = self.accelerator.gather(local[None]).nanmean(0).tolist()

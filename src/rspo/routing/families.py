@@ -87,15 +87,18 @@ FAMILIES: dict[str, RouterFamily] = {
 }
 
 
+def looks_moe(model: nn.Module) -> bool:
+    """Whether ``model`` has modules named like a router or an MoE block (supported family or not)."""
+    return any("router" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in model.modules())
+
+
 def family_of(model: nn.Module) -> RouterFamily:
     """The router family of ``model`` (from ``config.model_type``); clear errors otherwise."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    names = {type(m).__name__ for m in model.modules()}
-    looks_moe = any("router" in n.lower() or "moe" in n.lower() for n in names)
-    if looks_moe:
+    if looks_moe(model):
         raise ModelError(
             f"{type(model).__name__} (model_type={model_type!r}) has MoE modules but its router family is not "
             f"supported; supported model types: {', '.join(FAMILIES)}"

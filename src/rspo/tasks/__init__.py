@@ -1,0 +1,31 @@
+"""Verifiable tasks behind one interface and registry (``task.name`` + ``task.options`` in configs)."""
+
+from rspo.tasks import countdown as countdown
+from rspo.tasks import math as math
+from rspo.tasks.base import (
+    Message,
+    NoOptions,
+    Prompt,
+    Task,
+    Verdict,
+    import_object,
+    list_tasks,
+    make_task,
+    register_task,
+    task_class,
+    task_options,
+)
+
+__all__ = [
+    "Message",
+    "NoOptions",
+    "Prompt",
+    "Task",
+    "Verdict",
+    "import_object",
+    "list_tasks",
+    "make_task",
+    "register_task",
+    "task_class",
+    "task_options",
+]

@@ -26,6 +26,8 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
+from rspo.tasks.base import Task, Verdict, register_task
+
 MAX_ANSWER_CHARS = 256
 MAX_DEPTH = 16
 MAX_DIGITS = 6
@@ -369,8 +371,8 @@ class _Parser:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """Outcome of scoring one response.
+class CountdownVerdict:
+    """Outcome of scoring one response, with the parsed answer and its value.
 
     reason: no_answer | unparsable | wrong_numbers | div_by_zero | wrong_value | correct.
     """
@@ -379,6 +381,10 @@ class Verdict:
     reason: str
     answer: str | None = None
     value: Fraction | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.reason == "correct"
 
 
 @dataclass(frozen=True)
@@ -390,22 +396,22 @@ class CountdownReward:
     score_no_answer: float = 0.0
     score_unparsable: float = 0.0
 
-    def verdict(self, response: str, problem: Problem) -> Verdict:
+    def verdict(self, response: str, problem: Problem) -> CountdownVerdict:
         answer = extract_answer(response)
         if answer is None:
-            return Verdict(self.score_no_answer, "no_answer")
+            return CountdownVerdict(self.score_no_answer, "no_answer")
         try:
             parser = _Parser(answer)
             value = parser.parse()
         except (ParseError, RecursionError):
-            return Verdict(self.score_unparsable, "unparsable", answer)
+            return CountdownVerdict(self.score_unparsable, "unparsable", answer)
         if sorted(parser.numbers) != sorted(problem.numbers):
-            return Verdict(self.score_format, "wrong_numbers", answer, value)
+            return CountdownVerdict(self.score_format, "wrong_numbers", answer, value)
         if value is None:
-            return Verdict(self.score_format, "div_by_zero", answer)
+            return CountdownVerdict(self.score_format, "div_by_zero", answer)
         if value != problem.target:
-            return Verdict(self.score_format, "wrong_value", answer, value)
-        return Verdict(self.score_correct, "correct", answer, value)
+            return CountdownVerdict(self.score_format, "wrong_value", answer, value)
+        return CountdownVerdict(self.score_correct, "correct", answer, value)
 
     def __call__(self, response: str, problem: Problem) -> float:
         return self.verdict(response, problem).reward
@@ -420,3 +426,68 @@ def numbers_used(text: str) -> list[int]:
     p = _Parser(text)
     p.parse()
     return p.numbers
+
+
+# ----------------------------------------------------------------------------------------
+# The registered task
+# ----------------------------------------------------------------------------------------
+@dataclass
+class CountdownOptions:
+    score_correct: float = 1.0
+    """Reward of a correct answer."""
+    score_format: float = 0.1
+    """Well-formed but wrong answer (TinyZero's format score)."""
+    score_no_answer: float = 0.0
+    """No <answer> tag."""
+    score_unparsable: float = 0.0
+    """A tag whose content is not an expression (TinyZero gives its format score here)."""
+    max_new_tokens: int = 32
+    """Response length limit: "<answer>" + an expression of 4 two-digit numbers + "</answer>" + eos fits in 24."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task.options.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@register_task
+class CountdownTask(Task):
+    """Countdown with the shipped fixed splits (validation 500, test 1,000) and a disjoint train stream."""
+
+    name = "countdown"
+    reasons = ("no_answer", "unparsable", "wrong_numbers", "div_by_zero", "wrong_value", "correct")
+    Options = CountdownOptions
+
+    def __init__(self, options: CountdownOptions | None = None) -> None:
+        super().__init__(options)
+        o = self.options
+        self.reward = CountdownReward(o.score_correct, o.score_format, o.score_no_answer, o.score_unparsable)
+        self.splits = CountdownSplits()
+
+    def train_examples(self, seed: int) -> Iterator[Problem]:
+        return self.splits.train_stream(seed=seed)
+
+    def eval_splits(self) -> list[str]:
+        return ["validation", "test"]
+
+    def eval_examples(self, split: str) -> list[Problem]:
+        if split not in self.eval_splits():
+            raise self.unknown_split(split)
+        return self.splits.split(split)
+
+    def prompt(self, example: Problem) -> str:
+        return make_prompt(example)
+
+    def verdict(self, response: str, example: Problem) -> Verdict:
+        v = self.reward.verdict(response, example)
+        return Verdict(v.reward, v.reason, v.reason == "correct")
+
+    def reference(self, example: Problem) -> str:
+        return format_answer(solve(example.numbers, example.target))
+
+    def references(self, seed: int) -> Iterator[tuple[str, str]]:
+        """Solved train problems, several targets per draw of numbers (one solver call for all of them)."""
+        for p in self.splits.train_stream(seed=seed, targets_per_draw=4):
+            yield make_prompt(p), self.reference(p)
+
+    def record(self, example: Problem) -> dict:
+        return {"numbers": list(example.numbers), "target": example.target}

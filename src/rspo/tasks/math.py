@@ -1,0 +1,458 @@
+"""The math task: RLVR on problems with a final answer, graded by math-verify on the last boxed answer.
+
+Data: local JSONL or Parquet files, one problem per row, in either of the two formats people have:
+
+- verl's: ``{"data_source": ..., "prompt": [{"role": "user", "content": ...}], "reward_model":
+  {"ground_truth": ...}, ...}``: the prompt is used as given (it already holds the instruction);
+- plain: ``{"problem" | "question": ..., "answer" | "solution": ...}``: the prompt is the problem followed
+  by ``instruction``, as chat messages (``prompt_format: chat``) or plain text; with only a
+  ``solution``, the answer is its last ``\\boxed{}``. A ``solution`` is also the reference response
+  that ``rspo pretrain`` can train on.
+
+``builtin:math/NAME`` names a file shipped with rspo (``src/rspo/tasks/data/math/``): a hand-written
+sample set in both formats and synthetic arithmetic for the tiny example.
+
+Grading: the content of the last ``\\boxed{...}`` of the response (``no_answer`` without one) is
+compared with the ground truth by math-verify (sympy; equal values, fractions, decimals, intervals,
+sets, expressions), with its own time limits, and by a normalised string comparison when
+math-verify cannot parse either side. Percent signs are dropped first (``50\\%`` = ``50``, as the
+MATH grader does). Nothing is ever evaluated with ``eval``. A user's reward function can replace
+the grader: ``reward_fn: my_pkg.module:function`` called as ``function(response, example)``,
+returning a float (correct when >= 1) or a :class:`~rspo.tasks.Verdict`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rspo.errors import ConfigError
+from rspo.tasks.base import Prompt, Task, Verdict, import_object, register_task
+
+DATA_DIR = Path(__file__).parent / "data"
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+BUILTIN = "builtin:"
+
+
+def resolve_path(path: str) -> Path:
+    """A data path: ``builtin:math/x.jsonl`` is a file shipped with rspo; anything else is a local path."""
+    p = DATA_DIR / path[len(BUILTIN) :] if path.startswith(BUILTIN) else Path(path).expanduser()
+    if not p.is_file():
+        where = " (shipped with rspo)" if path.startswith(BUILTIN) else ""
+        raise ConfigError(f"data file {path!r}{where} does not exist")
+    if p.suffix not in (".jsonl", ".json", ".parquet"):
+        raise ConfigError(f"data file {path!r}: expected .jsonl or .parquet")
+    return p
+
+
+# ----------------------------------------------------------------------------------------
+# Examples and loading
+# ----------------------------------------------------------------------------------------
+@dataclass
+class MathExample:
+    """One problem: its prompt (chat messages or text), ground-truth answer, and where it came from."""
+
+    id: str
+    prompt: Prompt
+    answer: str
+    source: str = ""
+    solution: str | None = None
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+        try:
+            yield from enumerate(pq.read_table(path).to_pylist(), 1)
+        except Exception as e:  # pyarrow raises its own types for damaged files
+            raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
+        return
+    with path.open() as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{i}: not a JSON line ({e.msg})") from None
+
+
+def _strip_answer(answer: str) -> str:
+    """A ground truth as written in data: ``$...$`` and a surrounding ``\\boxed{}`` removed."""
+    a = answer.strip()
+    if len(a) >= 2 and a[0] == "$" and a[-1] == "$":
+        a = a.strip("$").strip()
+    boxed = last_boxed(a)
+    return boxed.strip() if boxed is not None and a.startswith(("\\boxed", "\\fbox")) else a
+
+
+def _example(row: Any, where: str, instruction: str, prompt_format: str) -> MathExample:
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: a row must be a JSON object")
+    if "reward_model" in row or isinstance(row.get("prompt"), list):  # verl's format
+        msgs, rm = row.get("prompt"), row.get("reward_model")
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                         for m in msgs)):  # fmt: skip
+            raise ConfigError(f"{where}: verl format needs 'prompt' as a list of {{role, content}} messages")
+        if not isinstance(rm, dict) or "ground_truth" not in rm:
+            raise ConfigError(f"{where}: verl format needs reward_model.ground_truth")
+        gt = rm["ground_truth"]
+        gt = gt[0] if isinstance(gt, list) and len(gt) == 1 else gt
+        if not isinstance(gt, (str, int, float)):
+            raise ConfigError(f"{where}: reward_model.ground_truth must be a string or number")
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+        prompt: Prompt = msgs if prompt_format == "chat" else "\n".join(m["content"] for m in msgs) + "\n"
+        extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+        return MathExample(str(extra.get("index", where)), prompt, _strip_answer(str(gt)),
+                           str(row.get("data_source", "")), extra.get("solution"))  # fmt: skip
+    problem = row.get("problem", row.get("question"))
+    if not isinstance(problem, str) or not problem.strip():
+        raise ConfigError(f"{where}: needs 'problem' or 'question' (plain format) or verl's 'prompt'")
+    solution = row.get("solution") if isinstance(row.get("solution"), str) else None
+    answer = row.get("answer")
+    if answer is None and solution is not None:
+        answer = last_boxed(solution)
+        if answer is None:
+            raise ConfigError(f"{where}: no 'answer', and the 'solution' has no \\boxed{{}} answer")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise ConfigError(f"{where}: needs 'answer' (or a 'solution' with a \\boxed{{}} answer)")
+    text = f"{problem.strip()}\n{instruction}".strip() if instruction else problem.strip()
+    prompt = [{"role": "user", "content": text}] if prompt_format == "chat" else text + "\n"
+    return MathExample(str(row.get("id", where)), prompt, _strip_answer(str(answer)), str(row.get("source", "")),
+                       solution)  # fmt: skip
+
+
+def load_examples(path: str, instruction: str = DEFAULT_INSTRUCTION, prompt_format: str = "chat") -> list[MathExample]:
+    """Every row of a JSONL / Parquet file as a :class:`MathExample`; a bad row is an error naming file:line."""
+    p = resolve_path(path)
+    out = [_example(row, f"{path}:{i}", instruction, prompt_format) for i, row in _rows(p)]
+    if not out:
+        raise ConfigError(f"data file {path!r} holds no examples")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Grading
+# ----------------------------------------------------------------------------------------
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces, else None.
+
+    One scan from the last opening: linear in the length of the text.
+    """
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None  # unbalanced: a truncated response
+
+
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
+_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "$", "^\\circ", "^{\\circ}", "\\circ", "\\%", "%")
+
+
+def normalize_answer(s: str) -> str:
+    """A plain normal form for string comparison (the fallback when math-verify parses neither side)."""
+    s = _TEXT_CMD.sub(r"\1", s.strip())
+    for d in _DROP:
+        s = s.replace(d, "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace(" ", "")
+    s = s.rstrip(".")
+    if s.startswith("."):
+        s = "0" + s
+    return s
+
+
+def _drop_percent(s: str) -> str:
+    return s.replace("\\%", "").replace("%", "").strip()
+
+
+class MathGrader:
+    """``correct(answer, ground_truth)``: math-verify equivalence, or equal normal forms."""
+
+    def __init__(self, use_math_verify: bool = True, timeout_s: int = 5, max_chars: int = 1000) -> None:
+        self.timeout_s, self.max_chars = timeout_s, max_chars
+        self._mv = None
+        if use_math_verify:
+            try:
+                import math_verify
+            except ImportError:
+                raise ConfigError("task.options.grader=math_verify needs the math-verify package "
+                                  "(pip install math-verify), or use grader=string") from None  # fmt: skip
+            logging.getLogger("math_verify").setLevel(logging.ERROR)  # it logs every timeout
+            self._mv = math_verify
+            self.correct("1", "1")  # warm the parser up once (forked scoring workers inherit it)
+
+    def _parse(self, latex: str):
+        mv = self._mv
+        cfg = [mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()]
+        return mv.parse("\\boxed{" + latex + "}", extraction_config=cfg, parsing_timeout=self.timeout_s)
+
+    def correct(self, answer: str, truth: str) -> bool:
+        if len(answer) > self.max_chars:
+            return False
+        a, t = _drop_percent(answer), _drop_percent(truth)
+        if normalize_answer(a) == normalize_answer(t):
+            return True
+        if self._mv is None:
+            return False
+        try:
+            gold, pred = self._parse(t), self._parse(a)
+            return bool(gold and pred and self._mv.verify(gold, pred, timeout_seconds=self.timeout_s))
+        except Exception:  # sympy on hostile input: anything can go wrong; it is simply not a match
+            return False
+
+
+# ----------------------------------------------------------------------------------------
+# The registered task
+# ----------------------------------------------------------------------------------------
+@dataclass
+class MathOptions:
+    train: list[str] = field(default_factory=list)
+    """Training data files (JSONL / Parquet, verl or plain format; ``builtin:math/...`` for shipped ones)."""
+    eval: dict[str, str] = field(default_factory=dict)
+    """Evaluation splits: name -> file, e.g. {aime24: data/aime24.parquet}; the first is the validation split."""
+    instruction: str = DEFAULT_INSTRUCTION
+    """Appended to plain-format problems (verl-format prompts are used as given)."""
+    prompt_format: Literal["chat", "text"] = "chat"
+    """Prompts as chat messages (rendered with the model's chat template) or as plain text."""
+    max_new_tokens: int = 1024
+    """Response length limit."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Extra strings that end a response (besides the model's end-of-sequence tokens)."""
+    grader: Literal["math_verify", "string"] = "math_verify"
+    """math_verify (with the string comparison as fallback), or the normalised string comparison alone."""
+    verify_timeout_s: int = 5
+    """math-verify's own time limit per parse and per comparison, in whole seconds."""
+    max_answer_chars: int = 1000
+    """A boxed answer longer than this is wrong without being parsed."""
+    score_correct: float = 1.0
+    """Reward of a correct answer."""
+    score_wrong: float = 0.0
+    """Reward of a wrong boxed answer."""
+    score_no_answer: float = 0.0
+    """Reward of a response without a boxed answer."""
+    reward_fn: str | None = None
+    """Replace the grader: ``pkg.module:function(response, example) -> float | Verdict`` (correct when >= 1)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.verify_timeout_s < 1 or self.max_answer_chars < 1:
+            raise ValueError("task.options.max_new_tokens, verify_timeout_s and max_answer_chars must be >= 1")
+        for path in [*self.train, *self.eval.values()]:
+            resolve_path(path)  # a missing file fails when the config is built
+
+
+@register_task
+class MathTask(Task):
+    """Math RLVR on local data files (see the module docstring)."""
+
+    name = "math"
+    reasons = ("correct", "wrong_answer", "no_answer")
+    Options = MathOptions
+
+    def __init__(self, options: MathOptions | None = None) -> None:
+        super().__init__(options)
+        o = self.options
+        self._train: list[MathExample] = [e for p in o.train for e in load_examples(p, o.instruction, o.prompt_format)]
+        self._eval: dict[str, list[MathExample]] = {}
+        self._fn: Callable | None = import_object(o.reward_fn, "task.options.reward_fn") if o.reward_fn else None
+        if self._fn is not None and not callable(self._fn):
+            raise ConfigError(f"task.options.reward_fn={o.reward_fn!r} is not callable")
+        self.grader = MathGrader(o.grader == "math_verify" and self._fn is None, o.verify_timeout_s,
+                                 o.max_answer_chars)  # fmt: skip
+
+    def train_examples(self, seed: int) -> Iterator[MathExample]:
+        if not self._train:
+            raise ConfigError("task math has no training data: set task.options.train")
+        rng = random.Random(f"math/train/{seed}")
+        while True:  # epochs, each in its own seeded order
+            order = list(range(len(self._train)))
+            rng.shuffle(order)
+            for i in order:
+                yield self._train[i]
+
+    def eval_splits(self) -> list[str]:
+        return list(self.options.eval)
+
+    def eval_examples(self, split: str) -> list[MathExample]:
+        if split not in self.options.eval:
+            raise self.unknown_split(split)
+        if split not in self._eval:
+            o = self.options
+            self._eval[split] = load_examples(o.eval[split], o.instruction, o.prompt_format)
+        return self._eval[split]
+
+    def prompt(self, example: MathExample) -> Prompt:
+        return example.prompt
+
+    def reference(self, example: MathExample) -> str | None:
+        """A reference response to train on (``rspo pretrain``): the example's solution, if it has one."""
+        return example.solution
+
+    def verdict(self, response: str, example: MathExample) -> Verdict:
+        o = self.options
+        if self._fn is not None:
+            out = self._fn(response, example)
+            return out if isinstance(out, Verdict) else Verdict(out, "custom", out >= 1)
+        answer = last_boxed(response)
+        if answer is None:
+            return Verdict(o.score_no_answer, "no_answer", False)
+        if self.grader.correct(answer, example.answer):
+            return Verdict(o.score_correct, "correct", True)
+        return Verdict(o.score_wrong, "wrong_answer", False)
+
+    def record(self, example: MathExample) -> dict:
+        return {"id": example.id, "source": example.source, "answer": example.answer}
+
+
+# ----------------------------------------------------------------------------------------
+# Synthetic arithmetic (the tiny example's training data)
+# ----------------------------------------------------------------------------------------
+def arithmetic_problem(rng: random.Random) -> dict[str, str]:
+    """One synthetic problem with a worked solution ending in ``\\boxed{answer}`` (plain format)."""
+    kind = rng.choice(("add", "sub", "mul", "add3"))
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    if kind == "add":
+        q, work, ans = f"{a} + {b}", f"{a} + {b} = {a + b}.", a + b
+    elif kind == "sub":
+        a, b = max(a, b), min(a, b)
+        q, work, ans = f"{a} - {b}", f"{a} - {b} = {a - b}.", a - b
+    elif kind == "mul":
+        a = rng.randint(2, 9)
+        q, work, ans = f"{a} \\times {b}", f"{a} \\times {b} = {a * b}.", a * b
+    else:
+        c = rng.randint(2, 99)
+        q, work, ans = f"{a} + {b} + {c}", f"{a} + {b} = {a + b}, and {a + b} + {c} = {a + b + c}.", a + b + c
+    return {"problem": f"What is ${q}$?", "solution": f"{work} The answer is $\\boxed{{{ans}}}$.", "answer": str(ans)}
+
+
+@dataclass
+class ArithmeticOptions:
+    instruction: str = DEFAULT_INSTRUCTION
+    """Appended to every problem."""
+    prompt_format: Literal["chat", "text"] = "chat"
+    """Prompts as chat messages or plain text."""
+    max_new_tokens: int = 64
+    """Response length limit (a worked solution is about 40 tokens of the tiny BPE tokenizer)."""
+    n_test: int = 200
+    """Size of the fixed test split (seeded; the train stream never repeats one of its problems)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.n_test < 1:
+            raise ValueError("task.options.max_new_tokens and n_test must be >= 1")
+
+
+@register_task
+class ArithmeticTask(Task):
+    """Synthetic arithmetic with boxed answers (an endless seeded stream and a fixed test split), graded
+    like the math task: the tiny example's pretraining data and the source of its shipped data files."""
+
+    name = "arithmetic"
+    reasons = MathTask.reasons
+    Options = ArithmeticOptions
+
+    def __init__(self, options: ArithmeticOptions | None = None) -> None:
+        super().__init__(options)
+        self.grader = MathGrader(use_math_verify=False)  # integer answers: the string comparison is exact
+        rng = random.Random("arithmetic/test")
+        rows, seen = [], set()
+        while len(rows) < self.options.n_test:
+            row = arithmetic_problem(rng)
+            if row["problem"] not in seen:
+                seen.add(row["problem"])
+                rows.append(row)
+        self._test_rows, self._held_out = rows, seen
+
+    def _make(self, row: dict, where: str) -> MathExample:
+        return _example({**row, "id": where}, where, self.options.instruction, self.options.prompt_format)
+
+    def train_examples(self, seed: int) -> Iterator[MathExample]:
+        rng = random.Random(f"arithmetic/train/{seed}")
+        i = 0
+        while True:
+            row = arithmetic_problem(rng)
+            if row["problem"] not in self._held_out:
+                i += 1
+                yield self._make(row, f"train-{seed}-{i}")
+
+    def eval_splits(self) -> list[str]:
+        return ["test"]
+
+    def eval_examples(self, split: str) -> list[MathExample]:
+        if split != "test":
+            raise self.unknown_split(split)
+        return [self._make(r, f"test-{i}") for i, r in enumerate(self._test_rows)]
+
+    def prompt(self, example: MathExample) -> Prompt:
+        return example.prompt
+
+    def reference(self, example: MathExample) -> str | None:
+        return example.solution
+
+    def verdict(self, response: str, example: MathExample) -> Verdict:
+        answer = last_boxed(response)
+        if answer is None:
+            return Verdict(0.0, "no_answer", False)
+        ok = self.grader.correct(answer, example.answer)
+        return Verdict(float(ok), "correct" if ok else "wrong_answer", ok)
+
+    def record(self, example: MathExample) -> dict:
+        return {"id": example.id, "answer": example.answer}
+
+
+# ----------------------------------------------------------------------------------------
+# The shipped data files (regenerated identically by this function; a test checks it)
+# ----------------------------------------------------------------------------------------
+def to_verl_row(row: dict, instruction: str = DEFAULT_INSTRUCTION, data_source: str = "rspo/sample") -> dict:
+    """A plain-format row in verl's format (the instruction folded into the user message, as verl's
+    preprocessing scripts do)."""
+    answer = row.get("answer")
+    if answer is None:
+        answer = last_boxed(row["solution"])
+    return {
+        "data_source": data_source,
+        "prompt": [{"role": "user", "content": f"{row['problem']}\n{instruction}"}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": answer},
+        "extra_info": {"index": row["id"], **({"solution": row["solution"]} if "solution" in row else {})},
+    }
+
+
+def builtin_files() -> dict[str, list[dict]]:
+    """The derived files of ``data/math/``: the sample set in verl's format and the arithmetic splits."""
+    sample = [json.loads(x) for x in (DATA_DIR / "math" / "sample-plain.jsonl").read_text().splitlines()]
+    test_task = ArithmeticTask()
+    train, rng, seen = [], random.Random("arithmetic/file/train"), set(test_task._held_out)
+    while len(train) < 2000:
+        row = arithmetic_problem(rng)
+        if row["problem"] not in seen:
+            seen.add(row["problem"])
+            train.append({"id": f"arith-train-{len(train)}", **row})
+    test = [{"id": f"arith-test-{i}", **r} for i, r in enumerate(test_task._test_rows)]
+    return {
+        "sample-verl.jsonl": [to_verl_row(r) for r in sample],
+        "arith-train.jsonl": train,
+        "arith-test.jsonl": [to_verl_row(r, data_source="rspo/arithmetic") for r in test],
+    }
+
+
+def write_builtin_files() -> None:
+    for name, rows in builtin_files().items():
+        (DATA_DIR / "math" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
