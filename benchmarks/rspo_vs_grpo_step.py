@@ -49,7 +49,7 @@ def one_step(tr: Trainer, step: int) -> tuple[dict[str, float], int, int]:
         zip(("generate", "score", "old_pass", "update"), (b - a for a, b in itertools.pairwise(t)), strict=True)
     )
     phases["step"] = t[-1] - t[0]
-    nbytes = 0 if b.trace is None else b.trace.nbytes
+    nbytes = 0 if b.old is None else b.old.trace.nbytes
     return phases, nbytes, int(b.response_mask.sum())
 
 

@@ -53,3 +53,31 @@ def tiny_policy(tmp_path_factory) -> str:
                             warmup_steps=10, eval_every=0, final_eval=False, shuffle_buffer=64, threads=1),
              progress=False)  # fmt: skip
     return str(out)
+
+
+FAMILIES = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe", "tiny-gpt-oss", "tiny-deepseek-v3"]
+
+
+@pytest.fixture(scope="session")
+def bpe():
+    """The byte-level BPE tokenizer with a ChatML template, trained here on the shipped math text."""
+    from rspo.tokenizer import build_bpe_tokenizer
+
+    return build_bpe_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def family_dirs(bpe, tmp_path_factory) -> dict[str, str]:
+    """A saved tiny random model of each MoE family with the BPE tokenizer (eos = <|im_end|>, and a second
+    stop id in the generation config, as Qwen3 has)."""
+    from rspo.models import build_model
+
+    out = {}
+    for preset in FAMILIES:
+        d = tmp_path_factory.mktemp(preset)
+        model = build_model(preset, len(bpe), seed=0, pad_token_id=bpe.pad_token_id, eos_token_id=bpe.eos_token_id)
+        model.generation_config.eos_token_id = [bpe.eos_token_id, bpe.pad_token_id]
+        model.save_pretrained(d)
+        bpe.save_pretrained(d)
+        out[preset] = str(d)
+    return out

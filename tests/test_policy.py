@@ -23,28 +23,9 @@ from rspo.tasks import make_task
 from rspo.tokenizer import build_bpe_tokenizer
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
+from tests.conftest import FAMILIES
 
-FAMILIES = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe", "tiny-gpt-oss", "tiny-deepseek-v3"]
 ARITH_TRAIN, ARITH_TEST, SAMPLE = (f"builtin:math/{n}.jsonl" for n in ("arith-train", "arith-test", "sample-plain"))
-
-
-@pytest.fixture(scope="session")
-def bpe():
-    return build_bpe_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def family_dirs(bpe, tmp_path_factory) -> dict[str, str]:
-    """A saved tiny random model of each family with the BPE tokenizer (eos = <|im_end|>)."""
-    out = {}
-    for preset in FAMILIES:
-        d = tmp_path_factory.mktemp(preset)
-        model = build_model(preset, len(bpe), seed=0, pad_token_id=bpe.pad_token_id, eos_token_id=bpe.eos_token_id)
-        model.generation_config.eos_token_id = [bpe.eos_token_id, bpe.pad_token_id]  # two stop ids, as Qwen3
-        model.save_pretrained(d)
-        bpe.save_pretrained(d)
-        out[preset] = str(d)
-    return out
 
 
 def test_bpe_tokenizer_and_chat_template(bpe):

@@ -225,11 +225,25 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_presets_load(tmp_path):
-    for f in sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml")):
-        if f.name.startswith("study"):
+    """Every train preset loads and is in the paper's off-policy regime; the 30B preset with its data files
+    pointed at the shipped ones (it names the user's files, which are not here)."""
+    shipped = ["task.options.train=[builtin:math/arith-train.jsonl]",
+               "task.options.eval={aime24: builtin:math/sample-plain.jsonl}"]  # fmt: skip
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted(configs.glob("*.yaml")):
+        if f.name.startswith(("study", "pretrain")):
             continue
-        cfg = load_config(TrainConfig, f)
+        cfg = load_config(TrainConfig, f, shipped if "30b" in f.name else [])
         assert cfg.updates_per_step >= 2, f.name  # the paper's off-policy regime
+    big = load_config(TrainConfig, configs / "math-qwen3-30b-a3b.yaml", shipped)
+    assert (big.rollout.prompts_per_step, big.rollout.group_size, big.mini_batch_size) == (128, 8, 512)
+    assert (big.max_new_tokens, big.dtype, big.device) == (8192, "bfloat16", "cuda")
+    with pytest.raises(ConfigError, match="data file 'data/deepscaler/train.parquet' does not exist"):
+        load_config(TrainConfig, configs / "math-qwen3-30b-a3b.yaml")
+    from rspo.pretrain import PretrainConfig
+
+    pre = load_config(PretrainConfig, configs / "pretrain-math-tiny.yaml")
+    assert (pre.task.name, pre.tokenizer) == ("arithmetic", "bpe")
 
 
 def test_corrupt_checkpoint_and_missing_policy(tiny_policy, tmp_path):

@@ -184,3 +184,27 @@ def test_two_cpu_processes(tiny_policy, tmp_path):
     assert res["processes"] == 2
     g = res["gammas"]
     assert len(g) == 4 and g[0] == 1.0 and g[2] == 1.0 and g[1] < 1.0 and g[3] < 1.0, g
+
+
+def test_math_task_with_chat_prompts(family_dirs, tmp_path):
+    """The TRL helpers are task-generic: math examples as a conversational dataset (TRL applies the chat
+    template), scored by the math task (here with a user reward function, so a random model gets a signal)."""
+    from rspo.tasks import make_task
+
+    task = make_task("math", {"train": ["builtin:math/arith-train.jsonl"], "reward_fn": "tests.helpers:length_reward"})
+    examples = task.train_set()[:16]
+    ds = task_dataset(task, examples)
+    assert isinstance(ds[0]["prompt"], list) and ds[0]["prompt"][0]["role"] == "user"
+    reward = task_reward_func(task, examples)
+    assert reward(None, ["ab", [{"role": "assistant", "content": "abc"}]], [0, 1]) == [1.0, 0.0]
+    pol = load_policy(family_dirs["tiny-qwen3-moe"])
+    args = dict(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], logging_steps=1,
+                per_device_train_batch_size=8, steps_per_generation=2, num_generations=4, max_completion_length=8,
+                max_steps=2, learning_rate=1e-2, save_strategy="no", seed=0, beta=0.0, objective="rspo")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = RSPOTrainer(model=pol.model, reward_funcs=reward, args=RSPOConfig(**args), train_dataset=ds,
+                         processing_class=pol.tokenizer)  # fmt: skip
+        tr.train()
+    gammas = _gamma_log(tr)
+    assert len(gammas) == 2 and gammas[0] == 1.0 and gammas[1] < 1.0

@@ -39,7 +39,7 @@ from rspo.errors import ModelError
 from rspo.tasks.base import Prompt
 
 Tensor = torch.Tensor
-BASE_POLICY_DIR = Path(__file__).parent / "assets" / "countdown-base"
+BASE_POLICY_DIR = Path(__file__).parent / "assets" / "countdown-base"  # model: base
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -68,9 +68,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+ASSETS = Path(__file__).parent / "assets"
+
+
 def resolve_model_path(model: str) -> str:
-    """``base`` -> the shipped Countdown base policy; anything else unchanged."""
-    return str(BASE_POLICY_DIR) if model == "base" else model
+    """``base`` -> the shipped Countdown base policy; ``builtin:NAME`` -> the policy ``NAME`` shipped with rspo
+    (``src/rspo/assets/``); anything else unchanged (a directory or a hub id)."""
+    if model == "base":
+        return str(BASE_POLICY_DIR)
+    if model.startswith("builtin:"):
+        name = model[len("builtin:") :]
+        shipped = sorted(d.name for d in ASSETS.iterdir() if (d / "config.json").is_file())
+        if name not in shipped:
+            raise ModelError(f"model={model!r}: no such shipped policy; shipped: {', '.join(shipped)}")
+        return str(ASSETS / name)
+    return model
 
 
 @dataclass

@@ -261,3 +261,33 @@ def save_policy(run: RunDir, model, tokenizer, info: dict[str, Any], cfg: Pretra
         os.replace(f, run.claim(f.name))
     staging.rmdir()
     return run.path
+
+
+def ship(run_dir: str | Path, name: str, progress: bool = True) -> Path:
+    """Copy a pretrained policy into the package (``src/rspo/assets/NAME``, loaded as ``model: builtin:NAME``)
+    with float16 weights (half the size; loaded as float32), and record the copy's own test accuracy
+    (``pretrain.json`` key ``shipped``), so the shipped numbers are measured, not assumed.
+
+        python -c "from rspo.pretrain import ship; ship('runs/math-tiny-base', 'math-tiny-base')"
+    """
+    from rspo.policy import ASSETS, load_policy
+
+    src = Path(run_dir)
+    info = json.loads((src / "pretrain.json").read_text())
+    cfg = info["config"]
+    pol = load_policy(src)
+    dest = ASSETS / name
+    dest.mkdir(parents=True, exist_ok=True)
+    pol.model.half().save_pretrained(dest)
+    pol.tokenizer.save_pretrained(dest)
+    for f in ("pretrain_config.yaml",):
+        (dest / f).write_text((src / f).read_text())
+    shipped = load_policy(dest)  # float32 again, as users get it
+    task = make_task(cfg["task"]["name"], cfg["task"]["options"])
+    test = task.eval_examples(task.eval_splits()[-1])
+    greedy = evaluate(shipped, task, test, greedy=True, progress=progress).accuracy
+    sampled = evaluate(shipped, task, test, greedy=False, temperature=1.0, seed=cfg["seed"], progress=progress).accuracy
+    info["shipped"] = {"weights": "float16 safetensors (loaded as float32)", "test_greedy_acc": greedy,
+                       "test_sampled_acc": sampled}  # fmt: skip
+    (dest / "pretrain.json").write_text(json.dumps(info, indent=1))
+    return dest

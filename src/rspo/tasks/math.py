@@ -288,6 +288,10 @@ class MathTask(Task):
             for i in order:
                 yield self._train[i]
 
+    def train_set(self) -> list[MathExample]:
+        """Every training example once, in file order (for engines that take a dataset, e.g. TRL)."""
+        return list(self._train)
+
     def eval_splits(self) -> list[str]:
         return list(self.options.eval)
 
