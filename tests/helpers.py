@@ -42,3 +42,66 @@ class EchoTask(Task):
     def verdict(self, response: str, example: str) -> Verdict:
         ok = example in response
         return Verdict(float(ok), "echoed" if ok else "other", ok)
+
+
+class Wrapped:
+    """A task with its verdict replaced (subclasses override ``verdict``); everything else is the task's."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+
+    def __getattr__(self, name):
+        if name == "task":  # during unpickling, before __dict__ is restored
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+
+class FlakyTask(Wrapped):
+    """The task, with a verdict that raises for every third response (counted in its worker)."""
+
+    def __init__(self, task) -> None:
+        super().__init__(task)
+        self.n = 0
+
+    def verdict(self, text, problem):
+        self.n += 1
+        if self.n % 3 == 0:
+            raise RuntimeError("reward backend down")
+        return self.task.verdict(text, problem)
+
+
+class SometimesHangs(Wrapped):
+    """Hangs on problems with target ``hang``, returns NaN for target ``nan``."""
+
+    def __init__(self, task, hang: int, nan: int) -> None:
+        super().__init__(task)
+        self.hang, self.nan = hang, nan
+
+    def verdict(self, text, problem):
+        import math
+        import time
+
+        if problem.target == self.hang:
+            time.sleep(600)
+        return Verdict(math.nan if problem.target == self.nan else 1.0, "x", False)
+
+
+def bad_reward(text: str, item: int):
+    """A plain reward function that goes wrong in every way, by item: ok, NaN, inf, not a number, hangs,
+    kills its worker."""
+    import math
+    import os
+    import time
+
+    kind = item % 6
+    if kind == 0:
+        return 1.0
+    if kind == 1:
+        return math.nan
+    if kind == 2:
+        return math.inf
+    if kind == 3:
+        return "1.0"
+    if kind == 4:
+        time.sleep(600)
+    os._exit(3)

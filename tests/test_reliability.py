@@ -25,7 +25,6 @@ from rspo.cli import main
 from rspo.config import ConfigError, build, load_config, save_config
 from rspo.errors import CheckpointError, ModelError, RunDirError
 from rspo.rundir import MARKER, RunDir, read_metrics
-from rspo.tasks import Verdict
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 from tests.test_trainer import TIMING, tiny_cfg
@@ -451,23 +450,9 @@ def test_nan_gamma_on_a_response_token_is_an_error_naming_it():
 # ----------------------------------------------------------------------------------------
 # Rewards: errors, non-numbers and hangs are counted, the run goes on
 # ----------------------------------------------------------------------------------------
-def bad_reward(text: str, item: int):
-    kind = item % 6
-    if kind == 0:
-        return 1.0
-    if kind == 1:
-        return math.nan
-    if kind == 2:
-        return math.inf
-    if kind == 3:
-        return "1.0"  # not a number
-    if kind == 4:
-        time.sleep(600)  # hangs
-    os._exit(3)  # kills its worker
-
-
 def test_score_counts_errors_and_cuts_off_hangs():
     from rspo.scoring import score
+    from tests.helpers import bad_reward
 
     items = list(range(12))
     t0 = time.monotonic()
@@ -486,26 +471,23 @@ def test_score_counts_errors_and_cuts_off_hangs():
 def test_trainer_run_goes_on_with_a_hanging_reward(tiny_policy, tmp_path):
     import itertools
 
+    from tests.helpers import SometimesHangs
+
     tr = Trainer(tiny_cfg(tiny_policy, tmp_path / "r", steps=1, scoring__timeout_s=0.5), progress=False)
     first, second = [p.target for p in itertools.islice(tr.task.train_examples(seed=0), 2)]  # the step's prompts
     assert first != second
-
-    class SometimesHangs:
-        def __init__(self, task):
-            self.task = task
-
-        def __getattr__(self, name):
-            return getattr(self.task, name)
-
-        def verdict(self, text, problem):
-            if problem.target == first:
-                time.sleep(600)
-            return Verdict(math.nan if problem.target == second else 1.0, "x", False)
-
-    tr.task = SometimesHangs(tr.task)
+    tr.task = SometimesHangs(tr.task, hang=first, nan=second)
     tr.train()
     row = read_metrics(tmp_path / "r")[-1]  # 4 responses per prompt: 4 hang, 4 return NaN
     assert row["step"] == 1 and row["reward/timeouts"] == 4 and row["reward/errors"] == 8
+
+
+def test_unpicklable_reward_function_is_a_clear_error():
+    from rspo.scoring import Scorer
+
+    with pytest.raises(ConfigError, match="cannot be sent to a scoring worker .* scoring.timeout_s=null"):
+        Scorer(lambda text, item: 1.0).score(["x"], [0])
+    assert Scorer(lambda text, item: 1.0, timeout_s=None).score(["x"], [0]).rewards == [1.0]
 
 
 # ----------------------------------------------------------------------------------------

@@ -163,24 +163,10 @@ def test_nonfinite_loss_skips_then_stops(tiny_policy, tmp_path, monkeypatch):
     del good
 
 
-class FlakyTask:
-    """The run's task, with a verdict that raises for every third response."""
-
-    def __init__(self, task):
-        self.task, self.n = task, 0
-
-    def __getattr__(self, name):
-        return getattr(self.task, name)
-
-    def verdict(self, text, problem):
-        self.n += 1
-        if self.n % 3 == 0:
-            raise RuntimeError("reward backend down")
-        return self.task.verdict(text, problem)
-
-
 def test_reward_function_that_raises_is_counted(tiny_policy, tmp_path):
     tr = Trainer(tiny_cfg(tiny_policy, tmp_path / "rw", steps=1), progress=False)
+    from tests.helpers import FlakyTask
+
     tr.task = FlakyTask(tr.task)
     tr.train()
     row = metrics(tmp_path / "rw")[-1]

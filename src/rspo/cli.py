@@ -116,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rspo.evaluate import evaluate, results_table, write_jsonl
     from rspo.policy import load_policy, resolve_model_path
     from rspo.rundir import RunDir
+    from rspo.scoring import Scorer
     from rspo.tasks import make_task
 
     model = args.model_pos or args.model
@@ -139,11 +140,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     policy = load_policy(model_path, device=args.device, dtype=args.dtype)
     run = RunDir.create(out_dir, "eval", overwrite=args.overwrite)
+    scorer = Scorer(task, timeout_s=args.reward_timeout)
     results: dict = {}
     for split in splits:
         examples = task.eval_examples(split)[: args.limit]
         common = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
-                  "timeout_s": args.reward_timeout, "progress": True}  # fmt: skip
+                  "scorer": scorer, "progress": True}  # fmt: skip
         print(f"{split}: {len(examples)} examples")
         res = {"greedy": evaluate(policy, task, examples, greedy=True, **common)}
         if args.n:
@@ -154,6 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_jsonl(run.claim(f"responses-{split}.jsonl"),
                     [{**rec, "mode": r.mode} for r in res.values() for rec in r.records])  # fmt: skip
         results[split] = res
+    scorer.close()
     table, data = results_table(results)
     settings = (f"model {model_path}, task {task.name}, greedy and {args.n} sampled response(s) per example "
                 f"at T={args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}")  # fmt: skip

@@ -11,6 +11,7 @@ from rspo.evaluate import evaluate, write_jsonl
 from rspo.plots import plot_runs
 from rspo.policy import load_policy, resolve_model_path
 from rspo.rundir import RunDir
+from rspo.scoring import Scorer
 from rspo.tasks import make_task
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
@@ -38,14 +39,17 @@ def run_demo(
     cfg.out_dir = str(demo.claim(cfg.objective.name))
     test = task.eval_examples("test")[:eval_limit]
     print(f"base policy: {base.path}; evaluating on {len(test)} test problems")
-    before = [evaluate(base, task, test, greedy=g, seed=cfg.seed, progress=True) for g in (True, False)]
+    scorer = Scorer(task, timeout_s=cfg.scoring.timeout_s)
+    before = [evaluate(base, task, test, greedy=g, seed=cfg.seed, progress=True, scorer=scorer) for g in (True, False)]
     print(
         f"RL: {cfg.objective.name}, {cfg.steps} steps x {cfg.rollout.prompts_per_step} prompts x "
         f"{cfg.rollout.group_size} responses, {cfg.updates_per_step} updates per step"
     )
     trainer = Trainer(cfg)
     summary = trainer.train()
-    after = [evaluate(trainer.policy, task, test, greedy=g, seed=cfg.seed, progress=True) for g in (True, False)]
+    after = [evaluate(trainer.policy, task, test, greedy=g, seed=cfg.seed, progress=True, scorer=scorer)
+             for g in (True, False)]  # fmt: skip
+    scorer.close()
     write_jsonl(demo.claim("test-before.jsonl"), [r for res in before for r in res.records])
     write_jsonl(demo.claim("test-after.jsonl"), [r for res in after for r in res.records])
     png = plot_runs([cfg.out_dir], demo.claim("curves.png"), labels=[f"{cfg.objective.name} (demo)"])

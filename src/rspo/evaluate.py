@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rspo.policy import HFSampler, Policy, Sampler
-from rspo.scoring import score
+from rspo.scoring import Scorer
 from rspo.tasks import Task
 
 
@@ -71,18 +71,21 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 128,
     sampler: Sampler | None = None,
+    scorer: Scorer | None = None,
     timeout_s: float | None = 10.0,
-    workers: int = 1,
     progress: bool = False,
 ) -> EvalResult:
     """``n`` responses per example (greedy: one), scored by ``task``; pass@k over the n per example.
 
     Sampling is seeded per chunk of ``batch_size`` responses (``seed + chunk index``), so a pass is
-    reproducible and the same checks at different steps of a run are comparable.
+    reproducible and the same checks at different steps of a run are comparable. ``scorer``: scoring
+    workers to reuse (a trainer's); else some are started for this call (``timeout_s`` per reward call).
     """
     if n < 1 or (greedy and n != 1):
         raise ValueError(f"n must be >= 1 (and 1 for greedy), got {n}")
     sampler = sampler or HFSampler(policy)
+    own = scorer is None
+    scorer = scorer or Scorer(task, timeout_s=timeout_s)
     items = [ex for ex in examples for _ in range(n)]  # the n responses of an example are adjacent
     max_new = max_new_tokens or task.max_new_tokens
     records: list[dict] = []
@@ -93,13 +96,15 @@ def evaluate(
         prompts = [task.prompt(ex) for ex in chunk]
         gen = sampler.sample(prompts, max_new_tokens=max_new, greedy=greedy, temperature=temperature, top_p=top_p,
                              seed=None if greedy else seed + ci, stop_strings=task.stop_strings)  # fmt: skip
-        scored = score(gen.texts, chunk, task, timeout_s=timeout_s, workers=workers)
+        scored = scorer.score(gen.texts, chunk)
         for j, (ex, prompt, text) in enumerate(zip(chunk, prompts, gen.texts, strict=True)):
             records.append({**task.record(ex), "prompt": policy.render(prompt), "response": text,
                             "reward": scored.rewards[j], "reason": scored.reasons[j],
                             "correct": scored.correct[j], "sample": (start + j) % n})  # fmt: skip
         bar.update(len(chunk))
     bar.close()
+    if own:
+        scorer.close()
     per_example = [records[i : i + n] for i in range(0, len(records), n)]
     counts = [sum(r["correct"] for r in rs) for rs in per_example]
     m = max(len(per_example), 1)

@@ -33,6 +33,7 @@ from rspo.evaluate import evaluate
 from rspo.models import PRESETS, build_model, count_parameters
 from rspo.policy import policy_of, render_prompt
 from rspo.rundir import RunDir, crash_point
+from rspo.scoring import Scorer
 from rspo.tasks import Prompt, Task, make_task
 from rspo.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 from rspo.train_config import TaskConfig
@@ -184,6 +185,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False
     policy = policy_of(model, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     stream = ReferenceStream(task, cfg.seed, buffer=cfg.shuffle_buffer)
+    scorer = Scorer(task)
     val = task.eval_examples(splits[0])[: cfg.eval_problems] if cfg.eval_every else []
     history: list[dict[str, float]] = []
     t0, tokens = time.time(), 0
@@ -210,7 +212,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False
                 "tokens_per_s": tokens / (time.time() - t0),
             }
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                last_acc = evaluate(policy, task, val, greedy=True).accuracy
+                last_acc = evaluate(policy, task, val, greedy=True, scorer=scorer).accuracy
                 rec["val_greedy_acc"] = last_acc
             history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", val_acc=f"{last_acc:.1%}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -223,13 +225,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False
     }  # fmt: skip
     if cfg.final_eval:
         test = task.eval_examples(splits[-1])
-        greedy = evaluate(policy, task, test, greedy=True, progress=progress)
-        sampled = evaluate(policy, task, test, greedy=False, temperature=1.0, seed=cfg.seed, progress=progress)
+        greedy = evaluate(policy, task, test, greedy=True, progress=progress, scorer=scorer)
+        sampled = evaluate(policy, task, test, greedy=False, temperature=1.0, seed=cfg.seed, progress=progress,
+                           scorer=scorer)  # fmt: skip
         result.update(test_split=splits[-1], test_greedy_acc=greedy.accuracy, test_sampled_acc=sampled.accuracy)
         if all("numbers" in r for r in greedy.records):  # Countdown: accuracy by number count
             result.update(
                 test_greedy_by_count=_by_count(greedy.records), test_sampled_by_count=_by_count(sampled.records)
             )
+    scorer.close()
     save_policy(run, model, tok, {**result, "history": history}, cfg)
     return result
 

@@ -173,7 +173,7 @@ class TaskConfig:
 @dataclass
 class ScoringConfig:
     timeout_s: float | None = 10.0
-    """Seconds one reward call may take: calls run in a forked worker that is killed after this
+    """Seconds one reward call may take: calls run in a scoring worker process that is killed after this
     (reward 0, counted in reward/timeouts); null = call in-process without a time bound."""
     workers: int = 1
     """Forked scoring workers (responses interleaved); more helps slow verifiers."""

@@ -2,7 +2,7 @@
 
 One step of ``train``:
   1. rollout    sample prompts from the task; G responses each with the sampler (KV cache)
-  2. score      the task's verdicts, in a forked worker (errors and hangs are counted, the run goes on)
+  2. score      the task's verdicts, in scoring workers (errors and hangs are counted, the run goes on)
   3. advantage  group-relative (std-normalised, or Dr. GRPO's mean-only); zero-spread groups counted
   4. old pass   one no-grad forward: old log-probs and the old router trace together
   5. update     split the rollout batch into mini-batches, one optimizer step each, ppo_epochs
@@ -36,7 +36,7 @@ from rspo.policy import HFSampler, load_policy, resolve_model_path, response_log
 from rspo.routing import RouterTrace
 from rspo.routing.step import OldTrace, RoutingStep
 from rspo.rundir import RunDir, crash_point, is_collapsed, load_tensors
-from rspo.scoring import REWARD_ERROR, REWARD_TIMEOUT, score
+from rspo.scoring import REWARD_ERROR, REWARD_TIMEOUT, Scorer
 from rspo.tasks import make_task
 from rspo.train_config import TrainConfig
 
@@ -143,6 +143,7 @@ class Trainer:
         """Task, policy (device, dtype), sampler, routing step and optimizer; the reference policy for KL."""
         cfg = self.cfg
         self.task = make_task(cfg.task.name, cfg.task.parsed)
+        self.scorer = Scorer(self.task, timeout_s=cfg.scoring.timeout_s, workers=cfg.scoring.workers)
         self.val_split = cfg.eval_split or (self.task.eval_splits() or [None])[0]
         if cfg.eval_every and self.val_split not in self.task.eval_splits():
             raise ConfigError(
@@ -172,6 +173,7 @@ class Trainer:
         try:
             return self._train()
         finally:
+            self.scorer.close()
             self.run.close()
 
     def _train(self) -> dict[str, Any]:
@@ -220,9 +222,15 @@ class Trainer:
                             gen.response_mask.float(), gen.texts)  # fmt: skip
 
     # ------------------------------------------------------------------ 2-3. rewards, advantages
+    def _scorer(self) -> Scorer:
+        """The scoring workers, for the current task (a task replaced on the trainer gets new workers)."""
+        if self.scorer.reward_fn is not self.task:
+            self.scorer.close()
+            self.scorer = Scorer(self.task, timeout_s=self.cfg.scoring.timeout_s, workers=self.cfg.scoring.workers)
+        return self.scorer
+
     def score_and_advantages(self, b: RolloutBatch) -> None:
-        sc = self.cfg.scoring
-        scored = score(b.texts, b.examples, self.task, timeout_s=sc.timeout_s, workers=sc.workers)
+        scored = self._scorer().score(b.texts, b.examples)
         for why, msg in scored.messages.items():
             if why not in self._reward_messages:  # the first error of each kind, once per run
                 self._reward_messages.add(why)
@@ -358,8 +366,7 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         cfg = self.cfg
         val = self.task.eval_examples(self.val_split)[: cfg.eval_problems]
-        common = {"max_new_tokens": cfg.max_new_tokens, "timeout_s": cfg.scoring.timeout_s,
-                  "workers": cfg.scoring.workers, "sampler": self.sampler}  # fmt: skip
+        common = {"max_new_tokens": cfg.max_new_tokens, "scorer": self._scorer(), "sampler": self.sampler}
         acc = evaluate(self.policy, self.task, val, greedy=True, **common).accuracy
         rec = {"val/accuracy": acc}
         if cfg.eval_samples:

@@ -43,7 +43,7 @@ from rspo.config import check_value
 from rspo.objectives import LossAgg, RouterShiftForm, RouterShiftPlacement, compute_policy_loss, list_objectives
 from rspo.routing import ExpertAgg, LayerAgg, RouterProb, RouterTrace
 from rspo.routing.step import RoutingControl, RoutingOptions, RoutingStep
-from rspo.scoring import score
+from rspo.scoring import Scorer
 from rspo.tasks import Task
 from rspo.train_config import objective_hparams, resolve_router_shift
 
@@ -57,13 +57,14 @@ def task_dataset(task: Task, examples: Sequence[Any]) -> Dataset:
     return Dataset.from_dict({"prompt": prompts, "example_id": list(range(len(examples)))})
 
 
-def task_reward_func(task: Task, examples: Sequence[Any], timeout_s: float | None = 10.0):
+def task_reward_func(task: Task, examples: Sequence[Any], timeout_s: float | None = 10.0, workers: int = 1):
     """A TRL reward function scoring completions of :func:`task_dataset` prompts with the task's verdicts
-    (in a forked worker with a time limit per call, as ``rspo train`` scores them)."""
+    (in scoring workers with a time limit per call, as ``rspo train`` scores them)."""
+    scorer = Scorer(task, timeout_s=timeout_s, workers=workers)  # workers start at the first call, then stay
 
     def reward(prompts, completions, example_id, **kwargs) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # chat: the assistant turn
-        return score(texts, [examples[i] for i in example_id], task, timeout_s=timeout_s).rewards
+        return scorer.score(texts, [examples[i] for i in example_id]).rewards
 
     reward.__name__ = f"{task.name}_reward"
     return reward

@@ -200,6 +200,18 @@ class MathGrader:
             self._mv = math_verify
             self.correct("1", "1")  # warm the parser up once (forked scoring workers inherit it)
 
+    def __getstate__(self) -> dict:  # sent to scoring workers: the module is imported again there
+        return {**self.__dict__, "_mv": None, "_use_mv": self._mv is not None}
+
+    def __setstate__(self, state: dict) -> None:
+        use = state.pop("_use_mv", False)
+        self.__dict__.update(state)
+        if use:
+            import math_verify
+
+            logging.getLogger("math_verify").setLevel(logging.ERROR)
+            self._mv = math_verify
+
     def _parse(self, latex: str):
         mv = self._mv
         cfg = [mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()]
