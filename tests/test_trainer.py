@@ -18,6 +18,7 @@ import torch
 from rspo.config import ConfigError, build, load_config
 from rspo.errors import CheckpointError, ModelError, RunDirError
 from rspo.policy import response_log_probs
+from rspo.routing import histogram_share_below
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer, TrainingError
 
@@ -81,10 +82,19 @@ def test_every_objective_and_control_trains(tiny_policy, tmp_path, variant):
     rows = metrics(tmp_path / variant)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
+        hist = r.pop("offpolicy/gamma_hist")  # token counts per gamma bin, summed over the off-policy updates
+        assert all(isinstance(c, int) and c >= 0 for c in hist) and sum(hist) > 0
+        for thr in (0.99, 0.95, 0.9):  # with one off-policy update, the histogram gives its exact shares
+            share = r[f"offpolicy/router_gamma_below_{thr}"]
+            if tr.cfg.updates_per_step == 2:
+                assert histogram_share_below(hist, thr) == pytest.approx(share, abs=1e-12)
         for k, v in r.items():
             assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
         assert 0 < r["router/gamma_mean"] <= 1 and 0 <= r["router/non_shifted_ratio"] <= 1
         assert r["train/nonfinite_loss"] == 0
+        layers = [k for k in r if k.startswith("offpolicy/router_keep_layer")]
+        assert len(layers) == 2  # the tiny model's two MoE layers (layer 1 is dense)
+        assert r["offpolicy/router_non_shifted_ratio"] <= min(r[k] for k in layers) + 1e-12
     assert (tmp_path / variant / "checkpoint" / "model.safetensors").is_file()
     assert (tmp_path / variant / "config.yaml").is_file()
 

@@ -241,6 +241,27 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from rspo.config import load_config
+    from rspo.drift import DriftConfig, run_drift, write_drift_report
+
+    path, overrides = _config_and_overrides(args.args)
+    cfg = load_config(DriftConfig, path, overrides)
+    status = run_drift(cfg)
+    failed = {k: v for k, v in status.items() if v.startswith("failed")}
+    report = write_drift_report(cfg.out_dir, command=f"rspo drift {' '.join(args.args)}")
+    print(f"{len(status) - len(failed)} runs done, {len(failed)} failed; report: {report}")
+    return 1 if failed else 0
+
+
+def cmd_drift_report(args: argparse.Namespace) -> int:
+    from rspo.drift import write_drift_report
+
+    out = write_drift_report(args.atlas_dir, out=args.out, overwrite=args.overwrite, command=args.command_line)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from rspo.study import write_report
 
@@ -306,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("study", help="a resumable grid of train runs (arm x seed), then its report")
     ps.add_argument("args", nargs="+", help="STUDY.yaml then overrides, e.g. parallel=2 seeds=[0,1]")
     ps.set_defaults(func=cmd_study)
+    pdr = sub.add_parser("drift", help="the drift atlas: pretrain models at one budget, RL regimes, then the report")
+    pdr.add_argument("args", nargs="+", help="DRIFT.yaml then overrides, e.g. parallel=2")
+    pdr.set_defaults(func=cmd_drift)
+    pdrr = sub.add_parser("drift-report", help="report.md, results.json and figures of a drift atlas")
+    pdrr.add_argument("atlas_dir")
+    pdrr.add_argument("--command-line", default=None, help="the drift command to record in the report")
+    pdrr.add_argument("--out", default=None, help="directory for the report (default: ATLAS_DIR)")
+    pdrr.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    pdrr.set_defaults(func=cmd_drift_report)
     pr = sub.add_parser("report", help="report.md and PNG figures of a study directory")
     pr.add_argument("study_dir")
     pr.add_argument("--command-line", default=None, help="the study command to record in the report")

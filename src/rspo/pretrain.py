@@ -75,6 +75,9 @@ class PretrainConfig:
     """torch CPU threads."""
     shuffle_buffer: int = 4096
     """Examples held in the shuffle buffer of the training stream (1 .. 1,000,000)."""
+    router_aux_loss_coef: float = 0.0
+    """Router load-balancing loss (transformers' aux_loss) added with this coefficient; 0 = off. Raises the
+    router's entropy (the drift atlas varies it)."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -88,6 +91,8 @@ class PretrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_problems < 1:
             raise ValueError("warmup_steps and eval_every must be >= 0, eval_problems >= 1")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.bpe_vocab_size < 300:
             raise ValueError(f"bpe_vocab_size must be >= 300, got {self.bpe_vocab_size}")
 
@@ -182,6 +187,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False
     model = build_model(cfg.preset, len(tok), seed=cfg.seed, pad_token_id=tok.pad_token_id,
                         eos_token_id=tok.eos_token_id)  # fmt: skip
     total, active = count_parameters(model)
+    aux = cfg.router_aux_loss_coef > 0
+    if aux:
+        model.config.router_aux_loss_coef = cfg.router_aux_loss_coef  # transformers adds coef x aux_loss to .loss
     policy = policy_of(model, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     stream = ReferenceStream(task, cfg.seed, buffer=cfg.shuffle_buffer)
@@ -197,7 +205,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             model.train()
-            loss = model(**batch).loss
+            loss = model(**batch, output_router_logits=True).loss if aux else model(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
@@ -215,6 +223,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False
                 last_acc = evaluate(policy, task, val, greedy=True, scorer=scorer).accuracy
                 rec["val_greedy_acc"] = last_acc
             history.append(rec)
+            if (step + 1) % 25 == 0:  # for grids of pretraining runs (rspo drift): the step reached so far
+                run.write_json("progress.json", {"step": step + 1, "steps": cfg.steps})
             bar.set_postfix(loss=f"{rec['loss']:.3f}", val_acc=f"{last_acc:.1%}", tok_s=f"{rec['tokens_per_s']:.0f}")
     finally:
         stream.close()

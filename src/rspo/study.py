@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,58 +72,91 @@ def run_dirs(cfg: StudyConfig) -> list[tuple[str, int, Path]]:
     return [(arm, seed, Path(cfg.out_dir) / arm / f"seed{seed}") for arm in cfg.arms for seed in cfg.seeds]
 
 
-def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
-    """Run (or continue) the grid; returns {run_dir: status}."""
+@dataclass
+class Job:
+    """One subprocess of a grid: ``cmd`` writes into ``run``; progress is ``units`` (e.g. steps), of which
+    ``progress()`` are done so far; ``finish()`` runs after a zero exit code (e.g. writes done.json)."""
+
+    run: Path
+    cmd: list[str]
+    units: int
+    progress: Callable[[], int]
+    finish: Callable[[], None]
+
+
+def run_jobs(jobs: list[Job], parallel: int, desc: str, done_units: int = 0, total_units: int | None = None,
+             progress: bool = True) -> dict[str, str]:  # fmt: skip
+    """Run ``jobs`` as subprocesses, ``parallel`` at a time, with one progress bar (rate and ETA over this
+    call's units only: ``done_units`` of ``total_units`` count as done before). Each job's output goes to
+    ``RUN.log`` beside its directory. Returns {run: "done" | "failed (...)"}."""
+    todo, status = list(jobs), {}
+    total = total_units if total_units is not None else done_units + sum(j.units for j in jobs)
+    bar = tqdm(total=total, initial=done_units, desc=desc, disable=not progress, unit="step")
+    seen = {str(j.run): j.progress() for j in jobs}
+    running: list[tuple[Job, subprocess.Popen]] = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            job = todo.pop(0)
+            job.run.parent.mkdir(parents=True, exist_ok=True)
+            log = (job.run.parent / f"{job.run.name}.log").open("w")
+            running.append((job, subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(1.0)
+        for item in list(running):
+            job, proc = item
+            now = job.progress()
+            bar.update(now - seen[str(job.run)])
+            seen[str(job.run)] = now
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode == 0:
+                    job.finish()
+                    status[str(job.run)] = "done"
+                else:
+                    status[str(job.run)] = (
+                        f"failed (exit {proc.returncode}; see {job.run.parent / (job.run.name + '.log')})"
+                    )
+                    tqdm.write(f"run {job.run} failed: {status[str(job.run)]}")
+    bar.close()
+    return status
+
+
+def train_job(run: Path, base_config: str, overrides: list[str]) -> tuple[Job | None, int]:
+    """The job of one ``rspo train`` run (None if it finished before) and its number of steps; the run's
+    config is validated now. A run started before is continued (``--resume``: from its last checkpoint, or
+    from step 0 if it had none)."""
     from rspo.train_config import TrainConfig
 
-    todo, status, total_steps = [], {}, 0
+    steps = load_config(TrainConfig, base_config, overrides).steps
+    if (run / "done.json").exists():
+        return None, steps
+    if RunDir.inspect(run) if run.is_dir() else None:
+        cmd = [sys.executable, "-m", "rspo.cli", "train", "--resume", str(run)]
+    else:
+        cmd = [sys.executable, "-m", "rspo.cli", "train", base_config, *overrides]
+
+    def finish() -> None:
+        RunDir.existing(run, "train").write_json("done.json", {"steps": steps_logged(run)})
+
+    return Job(run, cmd, steps, lambda: steps_logged(run), finish), steps
+
+
+def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) the grid; returns {run_dir: status}."""
+    jobs, status, total_steps = [], {}, 0
     for arm, seed, run in run_dirs(cfg):
-        overrides = [*cfg.common, *cfg.arms[arm], f"seed={seed}", f"out_dir={run}", "threads=1"]
-        steps = load_config(TrainConfig, cfg.base_config, overrides).steps  # validates every run's config now
+        job, steps = train_job(run, cfg.base_config, [*cfg.common, *cfg.arms[arm], f"seed={seed}", f"out_dir={run}",
+                                                      "threads=1"])  # fmt: skip
         total_steps += steps
-        if (run / "done.json").exists():
+        if job is None:
             status[str(run)] = "done (skipped)"
-            continue
-        if RunDir.inspect(run) if run.is_dir() else None:  # started before: continue (or restart from step 0)
-            cmd = [sys.executable, "-m", "rspo.cli", "train", "--resume", str(run)]
         else:
-            cmd = [sys.executable, "-m", "rspo.cli", "train", cfg.base_config, *overrides]
-        todo.append((run, cmd, steps))
+            jobs.append(job)
     study = RunDir.open_or_create(cfg.out_dir, "study")  # only after every run's config was validated
     study.write_config(cfg, "study.yaml")
     for arm in cfg.arms:
         study.claim(arm)
-    done_steps = {str(r): steps_logged(r) for _, _, r in run_dirs(cfg)}
-    # steps already done count as `initial`, so the rate and ETA cover this invocation's steps only
-    bar = tqdm(
-        total=total_steps,
-        initial=sum(done_steps.values()),
-        desc=f"study ({len(todo)} runs to go)",
-        disable=not progress,
-        unit="step",
-    )
-    running: list[tuple[Path, subprocess.Popen, int]] = []
-    while todo or running:
-        while todo and len(running) < cfg.parallel:
-            run, cmd, steps = todo.pop(0)
-            run.parent.mkdir(parents=True, exist_ok=True)
-            log = (run.parent / f"{run.name}.log").open("w")
-            running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), steps))
-        time.sleep(1.0)
-        for item in list(running):
-            run, proc, steps = item
-            now = steps_logged(run)
-            bar.update(now - done_steps[str(run)])
-            done_steps[str(run)] = now
-            if proc.poll() is not None:
-                running.remove(item)
-                if proc.returncode == 0:
-                    RunDir.existing(run, "train").write_json("done.json", {"steps": now})
-                    status[str(run)] = "done"
-                else:
-                    status[str(run)] = f"failed (exit {proc.returncode}; see {run.parent / (run.name + '.log')})"
-                    tqdm.write(f"run {run} failed: {status[str(run)]}")
-    bar.close()
+    done = sum(steps_logged(r) for _, _, r in run_dirs(cfg))  # counted as done: rate and ETA are this call's
+    status |= run_jobs(jobs, cfg.parallel, f"study ({len(jobs)} runs to go)", done, total_steps, progress)
     return status
 
 

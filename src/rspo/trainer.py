@@ -443,17 +443,27 @@ class Trainer:
         self.run.truncate_metrics(self.step)
 
 
-def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over the step's updates, plus the off-policy updates' (all but the first) router-drift signals."""
-    keys = {k for m in items for k in m}
-    out = {k: sum(m[k] for m in items if k in m) / sum(k in m for m in items) for k in keys}
+OFFPOLICY = ("ratio/std", "ratio/max", "clip_ratio/region_mean", "router/gamma_mean", "router/gamma_p10",
+             "router/gamma_p1", "router/gamma_p50", "router/gamma_below_0.99", "router/gamma_below_0.95",
+             "router/gamma_below_0.9", "router/non_shifted_ratio", "kl/approx")  # fmt: skip
+"""Metrics also averaged over the off-policy updates alone (``offpolicy/...``): the drift RSPO acts on."""
+
+
+def _mean_metrics(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over the step's updates, plus the off-policy updates' (all but the first) drift signals: the
+    OFFPOLICY keys and the per-layer ones averaged, the gamma histograms summed (``offpolicy/gamma_hist``)."""
+    keys = {k for m in items for k, v in m.items() if isinstance(v, (int, float))}
+    out: dict[str, Any] = {k: sum(m[k] for m in items if k in m) / sum(k in m for m in items) for k in keys}
     out["train/nonfinite_loss"] = sum(m.get("train/nonfinite_loss", 0.0) for m in items)
     if len(items) > 1:
-        for k in ("ratio/std", "ratio/max", "clip_ratio/region_mean", "router/gamma_mean", "router/gamma_p10",
-                  "router/non_shifted_ratio", "kl/approx"):  # fmt: skip
-            vals = [m[k] for m in items[1:] if k in m]
+        off = items[1:]
+        for k in sorted({*OFFPOLICY, *(k for k in keys if k.startswith(("router/keep_layer", "router/shift_layer")))}):
+            vals = [m[k] for m in off if k in m]
             if vals:
                 out[f"offpolicy/{k.replace('/', '_')}"] = sum(vals) / len(vals)
+        hists = [m["router/gamma_hist"] for m in off if "router/gamma_hist" in m]
+        if hists:
+            out["offpolicy/gamma_hist"] = [sum(c) for c in zip(*hists, strict=True)]
     return out
 
 

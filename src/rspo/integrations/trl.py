@@ -213,7 +213,8 @@ class RSPOTrainer(GRPOTrainer):
         if mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         if old is not None:
-            metrics.update(self.routing.metrics(old, self._captured, gamma, mask))
+            router = self.routing.metrics(old, self._captured, gamma, mask)
+            metrics.update({k: v for k, v in router.items() if isinstance(v, float)})  # TRL logs numbers
         metrics["entropy"] = float(entropies.detach()[mask > 0].mean())
         keys = sorted(metrics)  # one gather for all metrics (a process-group call per metric would be slow)
         local = torch.tensor([float(metrics[k]) for k in keys], device=logps.device)

@@ -3,9 +3,13 @@
 from rspo.routing.capture import MoERouters, ReplayMode, RouterTrace, index_dtype
 from rspo.routing.families import FAMILIES, RouterFamily, RouterProb, family_of
 from rspo.routing.shift import (
+    GAMMA_EDGES,
     ExpertAgg,
     LayerAgg,
+    gamma_histogram,
     gamma_metrics,
+    histogram_quantile,
+    histogram_share_below,
     non_shifted_ratio,
     router_clip_mask,
     router_shift_log_ratio,
@@ -15,6 +19,7 @@ from rspo.routing.shift import (
 
 __all__ = [
     "FAMILIES",
+    "GAMMA_EDGES",
     "ExpertAgg",
     "LayerAgg",
     "MoERouters",
@@ -23,7 +28,10 @@ __all__ = [
     "RouterProb",
     "RouterTrace",
     "family_of",
+    "gamma_histogram",
     "gamma_metrics",
+    "histogram_quantile",
+    "histogram_share_below",
     "index_dtype",
     "non_shifted_ratio",
     "router_clip_mask",

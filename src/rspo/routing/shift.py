@@ -17,6 +17,7 @@ non-finite loss), a positive log-probability (+inf included) raises ``ValueError
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal, get_args
 
@@ -146,9 +147,10 @@ def gamma_metrics(
         g = gamma.detach()[mask > 0]
         n = g.numel()
         nan = float("nan")
+        gd = g.double()
         out = {
             "router/gamma_mean": float(g.mean()) if n else nan,
-            "router/gamma_p10": float(torch.quantile(g.double(), 0.1)) if n else nan,
+            "router/gamma_p10": float(torch.quantile(gd, 0.1)) if n else nan,
             "router/gamma_min": float(g.min()) if n else nan,
         }
         if gamma_min is not None:
@@ -158,6 +160,47 @@ def gamma_metrics(
         if clip_threshold is not None:
             out["router/clip_frac"] = float((g < clip_threshold).double().mean()) if n else 0.0
     return out
+
+
+GAMMA_EDGES = (1.0, 0.99999, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.9, 0.88,
+               0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.0)  # fmt: skip
+"""Bins of :func:`gamma_histogram`: bin 0 holds gamma == 1 exactly, bin i >= 1 holds
+``GAMMA_EDGES[i] <= gamma < GAMMA_EDGES[i - 1]`` (so shares below 0.99, 0.95, 0.9 are exact sums)."""
+
+
+def gamma_histogram(gamma: Tensor, mask: Tensor) -> list[int]:
+    """Counts of response tokens per :data:`GAMMA_EDGES` bin: pooled over updates, an exact distribution
+    up to the bin width (quantiles of quantiles would not be)."""
+    with torch.no_grad():
+        g = gamma.detach()[mask > 0].double()
+        counts = [int((g >= 1.0).sum())]
+        for hi, lo in itertools.pairwise(GAMMA_EDGES):
+            counts.append(int(((g >= lo) & (g < hi)).sum()))
+    return counts
+
+
+def histogram_quantile(counts: list[int] | list[float], q: float) -> float:
+    """The ``q`` quantile of a :func:`gamma_histogram` (linear within a bin); NaN if it is empty."""
+    total = sum(counts)
+    if not total:
+        return float("nan")
+    # ascending gamma: the lowest bin is the last one
+    below = 0.0
+    for i in range(len(counts) - 1, 0, -1):
+        lo, hi = GAMMA_EDGES[i], GAMMA_EDGES[i - 1]
+        if below + counts[i] >= q * total and counts[i]:
+            return lo + (hi - lo) * (q * total - below) / counts[i]
+        below += counts[i]
+    return 1.0
+
+
+def histogram_share_below(counts: list[int] | list[float], threshold: float) -> float:
+    """Share of tokens with gamma < ``threshold`` (a value of :data:`GAMMA_EDGES`)."""
+    if threshold not in GAMMA_EDGES[1:]:
+        raise ValueError(f"threshold {threshold} is not a bin edge; edges: {GAMMA_EDGES}")
+    total = sum(counts)
+    k = GAMMA_EDGES.index(threshold)
+    return sum(counts[k + 1 :]) / total if total else float("nan")
 
 
 def non_shifted_ratio(old_topk_idx: Tensor, new_topk_idx: Tensor, mask: Tensor) -> float:

@@ -15,9 +15,10 @@ few lines each; the loss takes gamma as given.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -25,10 +26,18 @@ from torch import nn
 from rspo.errors import ModelError
 from rspo.routing.capture import MoERouters, RouterTrace
 from rspo.routing.families import RouterProb, family_of, looks_moe
-from rspo.routing.shift import ExpertAgg, LayerAgg, gamma_metrics, non_shifted_ratio, router_shift_ratio_with_grad
+from rspo.routing.shift import (
+    ExpertAgg,
+    LayerAgg,
+    gamma_histogram,
+    gamma_metrics,
+    non_shifted_ratio,
+    router_shift_ratio_with_grad,
+)
 
 Tensor = torch.Tensor
 RoutingControl = Literal["none", "freeze", "replay_logits", "replay_indices"]
+GAMMA_THRESHOLDS = (0.99, 0.95, 0.9)
 
 
 @dataclass(frozen=True)
@@ -139,16 +148,37 @@ class RoutingStep:
                                          gamma_min=o.gamma_min)  # fmt: skip
         return g if not o.stop_gradient else g.detach()
 
-    def metrics(self, old: OldTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor) -> dict[str, float]:
-        """``router/gamma_{mean,p10,min,at_floor}``, ``router/non_shifted_ratio`` and ``router/load_max_ratio``
-        (the busiest expert's share of tokens x E, mean over layers; 1 = balanced) over the response mask."""
+    def metrics(self, old: OldTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor) -> dict[str, Any]:
+        """Over the response mask: ``router/gamma_{mean,p10,min,at_floor}``, the tail (``gamma_p1``,
+        ``gamma_p50``, shares ``gamma_below_{0.99,0.95,0.9}``), ``router/gamma_hist`` (token counts per
+        :data:`~rspo.routing.shift.GAMMA_EDGES` bin), ``router/non_shifted_ratio`` (all layers keep their
+        top-K set), per layer ``router/keep_layer{l}`` (the same share at layer l) and ``router/shift_layer{l}``
+        (mean over tokens of mean_k |log r_new - log r_old| at layer l: -log g_l), and
+        ``router/load_max_ratio`` (the busiest expert's share of tokens x E, mean over layers; 1 = balanced)."""
         e = self.routers.num_experts
-        idx = cur.topk_idx.long()[mask > 0]  # (n, L, K) current experts
+        sel = mask > 0
+        idx = cur.topk_idx.long()[sel]  # (n, L, K) current experts
         loads = torch.stack([torch.bincount(idx[:, layer].reshape(-1), minlength=e)
                              for layer in range(idx.shape[1])]).float()  # (L, E)  # fmt: skip
         share = loads / loads.sum(1, keepdim=True).clamp(min=1)
-        return {
+        g = gamma.detach()[sel].double()
+        out: dict[str, Any] = {
             **gamma_metrics(gamma.detach(), mask, self.opts.gamma_min),
             "router/non_shifted_ratio": non_shifted_ratio(old.trace.topk_idx, cur.topk_idx, mask),
             "router/load_max_ratio": float((share.max(1).values * e).mean()),
+            "router/gamma_hist": gamma_histogram(gamma, mask),
         }
+        if g.numel():
+            out["router/gamma_p1"] = float(torch.quantile(g, 0.01))
+            out["router/gamma_p50"] = float(torch.quantile(g, 0.5))
+            for thr in GAMMA_THRESHOLDS:
+                out[f"router/gamma_below_{thr}"] = float((g < thr).double().mean())
+        with torch.no_grad():
+            same = (old.trace.topk_idx.sort(-1).values == cur.topk_idx.sort(-1).values).all(-1)[sel]  # (n, L)
+            eps = math.log(1e-8)
+            d = (cur.logp.detach().clamp(min=eps) - old.trace.logp.clamp(min=eps)).abs().mean(-1)[sel]  # (n, L)
+            if same.numel():
+                for layer in range(same.shape[1]):
+                    out[f"router/keep_layer{layer}"] = float(same[:, layer].double().mean())
+                    out[f"router/shift_layer{layer}"] = float(d[:, layer].double().mean())
+        return out
