@@ -177,3 +177,26 @@ def test_router_clip_mask():
     gamma = torch.tensor([[0.5, 0.9, 0.6]])
     mask = torch.tensor([[1, 1, 0]])
     assert router_clip_mask(gamma, mask, 0.7).tolist() == [[True, False, False]]
+
+
+def test_gamma_histogram_shares_and_quantiles_by_hand():
+    from rspo.routing import GAMMA_EDGES, gamma_histogram, histogram_quantile, histogram_share_below
+
+    # 10 tokens: four exactly 1, one in (0.999, 0.9999], two at 0.96, one at 0.95, one at 0.9, one at 0.55;
+    # the last position is padding (excluded)
+    gamma = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.9995, 0.96, 0.96, 0.95, 0.9, 0.55, 0.1]], dtype=F64)
+    mask = torch.tensor([[1] * 10 + [0]])
+    hist = gamma_histogram(gamma, mask)
+    assert sum(hist) == 10 and hist[0] == 4 and len(hist) == len(GAMMA_EDGES)
+    assert hist[GAMMA_EDGES.index(0.999)] == 1  # 0.999 <= g < 0.9999
+    assert hist[GAMMA_EDGES.index(0.96)] == 2 and hist[GAMMA_EDGES.index(0.95)] == 1
+    assert histogram_share_below(hist, 0.99) == pytest.approx(0.5, abs=1e-12)  # 0.96, 0.96, 0.95, 0.9, 0.55
+    assert histogram_share_below(hist, 0.95) == pytest.approx(0.2, abs=1e-12)  # 0.9 and 0.55
+    assert histogram_share_below(hist, 0.9) == pytest.approx(0.1, abs=1e-12)
+    assert histogram_quantile(hist, 0.95) == 1.0  # more than 5% of tokens are exactly 1
+    # the lowest 10%: the one token in [0.5, 0.6): linear within the bin
+    assert histogram_quantile(hist, 0.1) == pytest.approx(0.6, abs=1e-12)
+    assert histogram_quantile(hist, 0.05) == pytest.approx(0.55, abs=1e-12)
+    with pytest.raises(ValueError, match="not a bin edge"):
+        histogram_share_below(hist, 0.97123)
+    assert math.isnan(histogram_quantile([0] * len(GAMMA_EDGES), 0.5))

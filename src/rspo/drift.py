@@ -133,7 +133,8 @@ def run_drift(cfg: DriftConfig, progress: bool = True) -> dict[str, str]:
 @torch.no_grad()
 def router_entropy(model_path: str | Path, problems: int = 100) -> dict[str, Any]:
     """Mean entropy (nats) of the full router softmax over the response tokens of greedy responses to the
-    first ``problems`` validation problems, per MoE layer and overall, and divided by log E."""
+    first ``problems`` validation problems, per MoE layer and overall, and divided by log E; with the
+    model's shape (experts, top-k, MoE layers, expert width) and its greedy accuracy on those problems."""
     from rspo.evaluate import evaluate
     from rspo.policy import HFSampler, load_policy
     from rspo.routing import MoERouters
@@ -154,8 +155,11 @@ def router_entropy(model_path: str | Path, problems: int = 100) -> dict[str, Any
         h = -(lp.exp() * lp).sum(-1)
         per_layer.append(float(h[mask].mean()))
     acc = evaluate(pol, task, examples, greedy=True).accuracy
+    c = pol.model.config
+    width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
     return {"entropy": statistics.mean(per_layer), "entropy_per_layer": per_layer,
-            "entropy_norm": statistics.mean(per_layer) / math.log(e), "val_greedy": acc}  # fmt: skip
+            "entropy_norm": statistics.mean(per_layer) / math.log(e), "val_greedy": acc,
+            "experts": e, "top_k": routers.model_top_k, "layers": routers.num_layers, "width": width}  # fmt: skip
 
 
 def summarize_run(rows: list[dict]) -> dict[str, Any]:
@@ -183,12 +187,10 @@ def summarize_run(rows: list[dict]) -> dict[str, Any]:
 
 
 def _model_info(d: Path) -> dict[str, Any]:
-    cfg = json.loads((d / "config.json").read_text())
     info = json.loads((d / "pretrain.json").read_text())
-    return {"experts": cfg["num_experts"], "top_k": cfg["num_experts_per_tok"], "layers": cfg["num_hidden_layers"],
-            "width": cfg["moe_intermediate_size"], "aux": info["config"].get("router_aux_loss_coef", 0.0),
-            "final_loss": info["final_loss"], "test_greedy": info.get("test_greedy_acc"),
-            "params": info["params_total"], "active": info["params_active"]}  # fmt: skip
+    return {"aux": info["config"].get("router_aux_loss_coef", 0.0), "final_loss": info["final_loss"],
+            "test_greedy": info.get("test_greedy_acc"), "params": info["params_total"],
+            "active": info["params_active"]}  # fmt: skip
 
 
 def write_drift_report(atlas_dir: str | Path, out: str | Path | None = None, overwrite: bool = False,
