@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -53,3 +54,25 @@ def test_tiny_atlas_runs_and_reports(tmp_path):
     assert res["runs"]["a/u2"]["tokens"] < four["tokens"]  # 1 off-policy update of 2 vs 3 of 4
     for f in ("gamma_cdf.png", "tail.png", "per_layer.png", "entropy.png"):
         assert (tmp_path / "docs" / f).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gradient_variance_is_paired_and_exact_for_gmpo_vs_rspo_at_gamma_one(tiny_policy, tmp_path):
+    """At theta_1 after a warm step the batch is off-policy; the variances are finite and positive, GMPO's and
+    RSPO's differ only through gamma; with no warm step (on-policy, gamma = 1) they are identical."""
+    from rspo.config import save_config
+    from rspo.variance import GradVarConfig, measure, write_gradvar
+    from tests.test_trainer import tiny_cfg
+
+    base = tmp_path / "base.yaml"
+    save_config(tiny_cfg(tiny_policy, tmp_path / "unused"), base)
+    common = {"train_config": str(base), "draws": 4, "seeds": [0, 1]}
+    cfg = build(GradVarConfig, {**common, "out_dir": str(tmp_path / "gv")})
+    res = measure(cfg, progress=False)
+    for name in ("grpo", "gmpo", "rspo"):
+        v = res["summary"][name]
+        assert v["variance"][0] > 0 and math.isfinite(v["relative_variance"][0])
+    ratios = res["summary"]["rspo_over_gmpo_variance"]["per_seed"]
+    assert all(r != 1.0 and 0.5 < r < 2 for r in ratios)  # gamma < 1 off-policy: different, same scale
+    assert "| rspo |" in write_gradvar(cfg, res).read_text()
+    on = measure(build(GradVarConfig, {**common, "warm_updates": 0, "out_dir": str(tmp_path / "gv0")}), progress=False)
+    assert on["summary"]["rspo_over_gmpo_variance"]["per_seed"] == [1.0, 1.0]  # gamma exactly 1: the same gradients

@@ -86,10 +86,18 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     from rspo.demo import run_demo
 
     out = tmp_path / "demo"
-    assert run_demo(str(out), None, ["steps=2", "rollout.prompts_per_step=4", "mini_batch_size=16",
-                                     "eval_every=1", "eval_problems=8", "threads=1"], eval_limit=16) == 0  # fmt: skip
+    over = ["steps=2", "rollout.prompts_per_step=4", "mini_batch_size=8", "eval_every=1", "eval_problems=8"]
+    assert run_demo(str(out), None, over, eval_limit=16, progress=False) == 0
     text = capsys.readouterr().out
-    assert "before      after" in text and "greedy accuracy" in text and "curves.png" in text
+    assert "base" in text and "GRPO" in text and "RSPO" in text and "greedy pass@1" in text
+    assert "tokens with gamma < 0.95" in text and "tokens keeping all experts" in text and "curves.png" in text
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert set(summary["before"]) == set(summary["after"])
-    assert (out / "curves.png").is_file() and (out / "test-after.jsonl").is_file()
+    assert set(summary["after"]) == {"grpo", "rspo"} and set(summary["drift"]) == {"grpo", "rspo"}
+    for arm in ("grpo", "rspo"):
+        rows = [json.loads(x) for x in (out / arm / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0, 1, 2]  # each run really ran, in its own process
+        assert 0 < summary["drift"][arm]["gamma_mean"] <= 1 and 0 <= summary["drift"][arm]["keep_all"] <= 1
+        assert (out / f"test-after-{arm}.jsonl").is_file()
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # a second demo replaces only the first one's files, with --overwrite
+    assert run_demo(str(out), None, over, eval_limit=16, progress=False, overwrite=True) == 0

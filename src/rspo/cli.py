@@ -262,6 +262,16 @@ def cmd_drift_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gradvar(args: argparse.Namespace) -> int:
+    from rspo.config import load_config
+    from rspo.variance import GradVarConfig, measure, write_gradvar
+
+    path, overrides = _config_and_overrides(args.args)
+    cfg = load_config(GradVarConfig, path, overrides)
+    print(f"wrote {write_gradvar(cfg, measure(cfg))}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from rspo.study import write_report
 
@@ -336,13 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     pdrr.add_argument("--out", default=None, help="directory for the report (default: ATLAS_DIR)")
     pdrr.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     pdrr.set_defaults(func=cmd_drift_report)
+    pg = sub.add_parser("gradvar", help="policy-gradient variance over resampled mini-batches at fixed parameters")
+    pg.add_argument("args", nargs="*", help="[GRADVAR.yaml] then overrides, e.g. 'overrides=[model=DIR]' draws=32")
+    pg.set_defaults(func=cmd_gradvar)
     pr = sub.add_parser("report", help="report.md and PNG figures of a study directory")
     pr.add_argument("study_dir")
     pr.add_argument("--command-line", default=None, help="the study command to record in the report")
     pr.add_argument("--out", default=None, help="directory for report.md and figures (default: STUDY_DIR)")
     pr.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     pr.set_defaults(func=cmd_report)
-    pd = sub.add_parser("demo", help="RSPO on Countdown from the shipped base policy, with a before/after table")
+    pd = sub.add_parser("demo", help="GRPO and RSPO side by side from the shipped base policy: before/after, drift")
     pd.add_argument("--out-dir", default="runs/demo")
     pd.add_argument("--config", default=None, help="train config (default: configs/demo.yaml)")
     pd.add_argument("args", nargs="*", help="overrides for the train config")

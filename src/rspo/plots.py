@@ -17,8 +17,8 @@ PANELS = [
     ("val/accuracy", "validation accuracy (greedy)"),
     ("clip_ratio/region_mean", "clip fraction (active clip)"),
     ("ratio/std", "importance ratio std"),
-    ("router/gamma_mean", "router-shift gamma (mean)"),
-    ("router/non_shifted_ratio", "non-shifted routing ratio"),
+    ("offpolicy/router_gamma_mean", "router-shift gamma (mean, off-policy updates)"),
+    ("offpolicy/router_non_shifted_ratio", "tokens keeping all experts (off-policy)"),
     ("entropy/mean", "token entropy"),
     ("grad/norm", "gradient norm"),
 ]

@@ -85,10 +85,10 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], parallel: int, desc: str, done_units: int = 0, total_units: int | None = None,
-             progress: bool = True) -> dict[str, str]:  # fmt: skip
+             progress: bool = True, postfix: Callable[[], dict[str, str]] | None = None) -> dict[str, str]:  # fmt: skip
     """Run ``jobs`` as subprocesses, ``parallel`` at a time, with one progress bar (rate and ETA over this
-    call's units only: ``done_units`` of ``total_units`` count as done before). Each job's output goes to
-    ``RUN.log`` beside its directory. Returns {run: "done" | "failed (...)"}."""
+    call's units only: ``done_units`` of ``total_units`` count as done before; ``postfix()`` adds live
+    values). Each job's output goes to ``RUN.log`` beside its directory. Returns {run: "done" | "failed (...)"}."""
     todo, status = list(jobs), {}
     total = total_units if total_units is not None else done_units + sum(j.units for j in jobs)
     bar = tqdm(total=total, initial=done_units, desc=desc, disable=not progress, unit="step")
@@ -101,6 +101,8 @@ def run_jobs(jobs: list[Job], parallel: int, desc: str, done_units: int = 0, tot
             log = (job.run.parent / f"{job.run.name}.log").open("w")
             running.append((job, subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(1.0)
+        if postfix is not None and progress:
+            bar.set_postfix(postfix(), refresh=False)
         for item in list(running):
             job, proc = item
             now = job.progress()
