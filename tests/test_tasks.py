@@ -31,8 +31,8 @@ SAMPLE_VERL = "builtin:math/sample-verl.jsonl"
 # Registry, options, plug-ins
 # ----------------------------------------------------------------------------------------
 def test_registry_and_option_errors():
-    assert {"countdown", "math", "arithmetic"} <= set(list_tasks())
-    with pytest.raises(ConfigError, match=r"task.name='mathh' is not a task; valid: countdown, math, arithmetic"):
+    assert list_tasks() == ["arithmetic", "code", "countdown", "math"]
+    with pytest.raises(ConfigError, match=r"task.name='mathh' is not a task; valid: arithmetic, code, countdown, math"):
         make_task("mathh")
     with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['task.options.trian'\].* train, eval"):
         make_task("math", {"trian": [SAMPLE]})

@@ -213,6 +213,8 @@ def isolation() -> list[str]:
 _subreaper_set = False
 _runs = [0]
 _runs_lock = threading.Lock()
+_active: set[int] = set()  # the sandboxes this process started and still waits for (not orphans)
+_active_lock = threading.Lock()
 
 
 def _set_subreaper() -> None:
@@ -258,8 +260,11 @@ def _kill_cgroup(d: str) -> None:
 
 
 def _reap_orphans() -> None:
-    """Wait for children re-parented to us (we are a subreaper); kill what still runs."""
+    """Kill and wait for processes re-parented to us (we are a subreaper): escaped descendants of a run,
+    never a sandbox another thread of this process is still running."""
     me = str(os.getpid())
+    with _active_lock:
+        active = set(_active)
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -268,7 +273,7 @@ def _reap_orphans() -> None:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if fields[1] == me:  # ppid
+        if fields[1] == me and int(pid) not in active:  # ppid
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(pid), signal.SIGKILL)
             with contextlib.suppress(ChildProcessError, OSError):
@@ -300,9 +305,11 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> RunR
         cmd = (ns[:1] + (["--user", "--map-root-user"] if os.geteuid() != 0 else []) + ns[1:]) + cmd
     t0 = time.monotonic()
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(code_r,), start_new_session=True, env={"PATH": "/usr/bin:/bin"},
-                                cwd=host_work)  # fmt: skip
+        with _active_lock:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=(code_r,), start_new_session=True, env={"PATH": "/usr/bin:/bin"},
+                                    cwd=host_work)  # fmt: skip
+            _active.add(proc.pid)
     except OSError as e:
         os.close(code_r)
         os.close(code_w)
@@ -311,7 +318,11 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> RunR
             _kill_cgroup(cgroup)
         return RunResult("sandbox_error", None, "", f"cannot start the sandbox: {e}", 0.0)
     os.close(code_r)
-    status, out, err = _communicate(proc, code, code_w, stdin, limits, t0)
+    try:
+        status, out, err = _communicate(proc, code, code_w, stdin, limits, t0)
+    finally:
+        with _active_lock:
+            _active.discard(proc.pid)
     if cgroup:
         _kill_cgroup(cgroup)
     _reap_orphans()

@@ -1,5 +1,6 @@
 """Verifiable tasks behind one interface and registry (``task.name`` + ``task.options`` in configs)."""
 
+from rspo.tasks import code as code  # the task modules register "countdown", "math", "arithmetic", "code"
 from rspo.tasks import countdown as countdown
 from rspo.tasks import math as math
 from rspo.tasks.base import (

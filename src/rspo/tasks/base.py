@@ -120,7 +120,8 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def list_tasks() -> list[str]:
-    return list(_TASKS)
+    """The registered task names, sorted (independent of import order)."""
+    return sorted(_TASKS)
 
 
 def import_object(path: str, what: str) -> Any:
@@ -147,7 +148,8 @@ def task_class(name: str) -> type[Task]:
             raise ConfigError(f"task.name={name!r} is not a subclass of rspo.tasks.Task")
         return cls
     if name not in _TASKS:
-        raise ConfigError(f"task.name={name!r} is not a task; valid: {', '.join(_TASKS)} (or pkg.module:TaskClass)")
+        valid = ", ".join(list_tasks())
+        raise ConfigError(f"task.name={name!r} is not a task; valid: {valid} (or pkg.module:TaskClass)")
     return _TASKS[name]
 
 
