@@ -266,3 +266,27 @@ def test_sandbox_fusion_executor_against_a_local_fake_server():
     dead = make_task("code", {"eval": {"s": SAMPLE}, "executor": "sandbox_fusion",
                               "sandbox_fusion_url": "http://127.0.0.1:9"})  # fmt: skip
     assert dead.verdict(answer("print(3)"), dead.eval_examples("s")[0]).reason == "sandbox_error"
+
+
+def test_code_task_trains_and_evaluates(family_dirs, tmp_path):
+    """configs/code-tiny.yaml runs (a few steps, shortened here) and `rspo eval --task code` reports pass@k."""
+    from rspo.cli import main
+    from rspo.config import load_config
+    from rspo.rundir import read_metrics
+    from rspo.train_config import TrainConfig
+    from rspo.trainer import Trainer
+
+    cfg = load_config(TrainConfig, ROOT / "configs" / "code-tiny.yaml",
+                      ["steps=2", "eval_every=2", "eval_problems=4", f"out_dir={tmp_path / 'run'}", "threads=1",
+                       "rollout.prompts_per_step=4", "mini_batch_size=8", "task.options.max_new_tokens=24"])  # fmt: skip
+    Trainer(cfg, progress=False).train()
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2] and "val/accuracy" in rows[-1]
+    assert rows[-1]["reward/errors"] == 0  # every verdict came back (no_code here), none failed
+    out = tmp_path / "ev"
+    assert main(["eval", family_dirs["tiny-qwen3-moe"], "--task", "code", "--data", f"sample={SAMPLE}", "--n", "2",
+                 "--limit", "3", "--max-new-tokens", "8", "--threads", "1", "--out-dir", str(out)]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert set(res["sample"]) == {"examples", "greedy_pass@1", "avg@2", "pass@2"} and res["sample"]["examples"] == 3
+    reasons = {json.loads(x)["reason"] for x in (out / "responses-sample.jsonl").read_text().splitlines()}
+    assert reasons <= {"no_code", "compile_error", "runtime_error", "wrong_answer", "passed"}
