@@ -276,9 +276,9 @@ def test_code_task_trains_and_evaluates(family_dirs, tmp_path):
     from rspo.train_config import TrainConfig
     from rspo.trainer import Trainer
 
-    cfg = load_config(TrainConfig, ROOT / "configs" / "code-tiny.yaml",
-                      ["steps=2", "eval_every=2", "eval_problems=4", f"out_dir={tmp_path / 'run'}", "threads=1",
-                       "rollout.prompts_per_step=4", "mini_batch_size=8", "task.options.max_new_tokens=24"])  # fmt: skip
+    overrides = ["steps=2", "eval_every=2", "eval_problems=4", f"out_dir={tmp_path / 'run'}", "threads=1"]
+    overrides += ["rollout.prompts_per_step=4", "mini_batch_size=8", "task.options.max_new_tokens=24"]
+    cfg = load_config(TrainConfig, ROOT / "configs" / "code-tiny.yaml", overrides)
     Trainer(cfg, progress=False).train()
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1, 2] and "val/accuracy" in rows[-1]
