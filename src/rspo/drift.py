@@ -99,6 +99,7 @@ def run_drift(cfg: DriftConfig, progress: bool = True) -> dict[str, str]:
         cmd = [sys.executable, "-m", "rspo.cli", "pretrain", *_pretrain_overrides(cfg, name)]
         if RunDir.inspect(d) if d.is_dir() else None:
             cmd.append("--overwrite")  # an interrupted pretraining of this atlas: start it again
+            (d / "progress.json").unlink(missing_ok=True)  # its steps are redone, so they are not done yet
         pre_jobs.append(Job(d, cmd, pc.steps, lambda d=d: _pretrain_steps_done(d), lambda: None))
     rl_jobs, rl_total = [], 0
     for name in cfg.models:
