@@ -227,7 +227,7 @@ def test_presets_load(tmp_path):
                "task.options.eval={aime24: builtin:math/sample-plain.jsonl}"]  # fmt: skip
     configs = Path(__file__).resolve().parents[1] / "configs"
     for f in sorted(configs.glob("*.yaml")):
-        if f.name.startswith(("study", "pretrain")):
+        if f.name.startswith(("study", "pretrain", "drift")):  # other commands' configs (their own tests)
             continue
         cfg = load_config(TrainConfig, f, shipped if "30b" in f.name else [])
         assert cfg.updates_per_step >= 2, f.name  # the paper's off-policy regime
@@ -240,6 +240,10 @@ def test_presets_load(tmp_path):
 
     pre = load_config(PretrainConfig, configs / "pretrain-math-tiny.yaml")
     assert (pre.task.name, pre.tokenizer) == ("arithmetic", "bpe")
+    from rspo.drift import DriftConfig
+
+    atlas = load_config(DriftConfig, configs / "drift-atlas.yaml")
+    assert len(atlas.models) == 8 and len(atlas.regimes) == 4
 
 
 def test_corrupt_checkpoint_and_missing_policy(tiny_policy, tmp_path):
