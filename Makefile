@@ -38,5 +38,9 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
+# The TRL tests against the newest TRL release on the index (the pinned one is what `make test` uses)
+test-trl-newest: $(STAMP)
+	$(PY) tests/trl_newest.py
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -2,8 +2,10 @@
 
 Same base policy, same Countdown prompts, group size 8, 16 prompts per rollout batch (128
 responses), max 32 new tokens, temperature 1, two optimizer steps (mini-batch 64) per rollout
-batch, GRPO loss, no KL, fp32 on CPU. Reports completion tokens per second of the whole loop
-(generation, reward, old log-probs, updates), alternating runs A B A B; ratio = ours / TRL.
+batch, GRPO loss, no KL, no MoE aux loss (TRL adds it by default for MoE models, with the
+config's coefficient; ours has it off, so TRL's is turned off for equal work), fp32 on CPU.
+Reports completion tokens per second of the whole loop (generation, reward, old log-probs,
+updates), alternating runs A B A B; ratio = ours / TRL.
 
     python benchmarks/trainer_vs_trl.py [--steps 4 --pairs 2 --model DIR]
 """
@@ -64,6 +66,7 @@ def run_trl(model_dir: str, steps: int, work: Path) -> float:
                       num_generations=GROUP, max_completion_length=NEW_TOKENS,
                       max_steps=steps * PROMPTS * GROUP // MINI,
                       learning_rate=1e-5, beta=0.0, loss_type="grpo", temperature=1.0, logging_steps=1,
+                      router_aux_loss_coef=0.0,
                       report_to=[], save_strategy="no", shuffle_dataset=False, seed=0)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -32,7 +32,10 @@ def grpo(
     loss_agg="seq-mean-token-mean",
     norm_length=None,
     placement="after_clip",
+    dual_clip=None,
+    weights=None,
 ):
+    """``weights``: rollout weights, a list per row (per token) or one number per row (per sequence)."""
     rows = _rows(mask)
     tok = {}
     for b, ts in enumerate(rows):
@@ -43,8 +46,12 @@ def grpo(
                 w *= g
             a = adv[b][t]
             val = max(-a * w, -a * _clip(w, 1 - clip_low, 1 + clip_high))
+            if dual_clip is not None and a < 0:
+                val = min(val, -a * dual_clip)
             if placement == "after_clip":
                 val *= g
+            if weights is not None:
+                val *= weights[b][t] if isinstance(weights[b], list) else weights[b]
             tok[b, t] = val
     if loss_agg == "token-mean":
         return sum(tok.values()) / len(tok)
@@ -57,7 +64,21 @@ def grpo(
     return sum(seqs) / len(seqs)
 
 
-def gspo(lp, old, adv, mask, gamma=None, *, clip_low=3e-4, clip_high=4e-4, placement="after_clip"):
+def seq_weight(weights, b, ts, reduce="geometric"):
+    """One rollout weight for row b: as given per sequence, or reduced over its tokens."""
+    if weights is None:
+        return 1.0
+    if not isinstance(weights[b], list):
+        return weights[b]
+    if reduce == "arithmetic":
+        return sum(weights[b][t] for t in ts) / len(ts)
+    if any(weights[b][t] == 0 for t in ts):
+        return 0.0
+    return math.exp(sum(math.log(weights[b][t]) for t in ts) / len(ts))
+
+
+def gspo(lp, old, adv, mask, gamma=None, *, clip_low=3e-4, clip_high=4e-4, placement="after_clip", dual_clip=None,
+         weights=None, reduce="geometric"):  # fmt: skip
     out = []
     for b, ts in enumerate(_rows(mask)):
         if not ts:
@@ -67,13 +88,16 @@ def gspo(lp, old, adv, mask, gamma=None, *, clip_low=3e-4, clip_high=4e-4, place
         a = sum(adv[b][t] for t in ts) / len(ts)
         s = math.exp(log_s + (log_g if placement == "before_clip" else 0.0))
         val = max(-a * s, -a * _clip(s, 1 - clip_low, 1 + clip_high))
+        if dual_clip is not None and a < 0:
+            val = min(val, -a * dual_clip)
         if placement == "after_clip":
             val *= math.exp(log_g)
-        out.append(val)
+        out.append(val * seq_weight(weights, b, ts, reduce))
     return sum(out) / len(out)
 
 
-def gmpo(lp, old, adv, mask, gamma=None, *, clip_low=0.4, clip_high=0.4, placement="after_clip", form="weight"):
+def gmpo(lp, old, adv, mask, gamma=None, *, clip_low=0.4, clip_high=0.4, placement="after_clip", form="weight",
+         weights=None, reduce="geometric"):  # fmt: skip
     out = []
     for b, ts in enumerate(_rows(mask)):
         if not ts:
@@ -95,7 +119,7 @@ def gmpo(lp, old, adv, mask, gamma=None, *, clip_low=0.4, clip_high=0.4, placeme
                 dlc += s * lg if form == "eq5_literal" else lg
             total += dlc
         a = sum(adv[b][t] for t in ts) / len(ts)
-        out.append(-a * math.exp(total / len(ts)))
+        out.append(-a * math.exp(total / len(ts)) * seq_weight(weights, b, ts, reduce))
     return sum(out) / len(out)
 
 

@@ -386,3 +386,167 @@ def test_bool_mask_and_float32_work():
     b, _ = compute_policy_loss("grpo", lp.float(), old.float(), adv.float(), mask.long())
     assert a.item() == pytest.approx(0.025, abs=1e-12)
     assert b.dtype == torch.float32 and b.item() == pytest.approx(0.025, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Rollout-correction weights and the dual clip
+# ----------------------------------------------------------------------------------------
+def _weights(seed: int, b: int, t: int, zeros: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + seed)
+    w = 0.2 + 2.5 * torch.rand(b, t, generator=g, dtype=F64)
+    if zeros:
+        w[torch.rand(b, t, generator=g) < 0.15] = 0.0  # masked tokens (IcePop / MIS)
+    return w
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 17)])
+@pytest.mark.parametrize("form", ["token", "sequence"])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_rollout_weights_naive_equivalence(seed, shape, form, zeros):
+    lp, old, adv, mask, gamma = random_batch(seed, *shape)
+    w_bt = _weights(seed, *shape, zeros)
+    w = w_bt if form == "token" else w_bt[:, 0]
+    adv_bt = adv[:, None].expand_as(lp)
+    lpl, oldl, advl, maskl, gl = as_lists(lp, old, adv_bt, mask, gamma)
+    wl = w.tolist()
+    cases = [
+        ("grpo", False, {"loss_agg": "token-mean"},
+         naive.grpo(lpl, oldl, advl, maskl, loss_agg="token-mean", weights=wl)),
+        ("grpo", True, {}, naive.grpo(lpl, oldl, advl, maskl, gl, weights=wl)),
+        ("grpo", False, {"dual_clip": 1.5}, naive.grpo(lpl, oldl, advl, maskl, dual_clip=1.5, weights=wl)),
+        # per-sequence A: each token's loss is its sequence's, so token weights average arithmetically per sequence
+        ("gspo_token", False, {"clip_low": 0.05, "clip_high": 0.08},
+         naive.gspo(lpl, oldl, advl, maskl, clip_low=0.05, clip_high=0.08, weights=wl, reduce="arithmetic")),
+    ]  # fmt: skip
+    for reduce in ["geometric", "arithmetic"]:
+        kw = {"rollout_weights_reduce": reduce} if form == "token" else {}
+        cases += [
+            ("gspo", False, {"clip_low": 0.05, "clip_high": 0.08, "dual_clip": 1.1, **kw},
+             naive.gspo(lpl, oldl, advl, maskl, clip_low=0.05, clip_high=0.08, dual_clip=1.1, weights=wl,
+                        reduce=reduce)),
+            ("gmpo", False, {**kw}, naive.gmpo(lpl, oldl, advl, maskl, weights=wl, reduce=reduce)),
+            ("rspo", True, {**kw}, naive.gmpo(lpl, oldl, advl, maskl, gl, weights=wl, reduce=reduce)),
+        ]  # fmt: skip
+    for name, rs, hp, ref in cases:
+        loss, m = compute_policy_loss(name, lp, old, adv, mask, router_shift=gamma if rs else None,
+                                      rollout_weights=w, **hp)  # fmt: skip
+        assert loss.item() == pytest.approx(ref, abs=1e-10, rel=0), (name, rs, hp)
+        assert 0.0 <= m["rollout/weight_zero_frac"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["grpo", "gspo", "gspo_token", "gmpo"])
+def test_unit_rollout_weights_change_nothing(name):
+    lp, old, adv, mask, _ = random_batch(4, 6, 9)
+    hp = {"clip_low": 0.05, "clip_high": 0.08} if name.startswith("gspo") else {}
+    g0 = grad_of(name, lp, old, adv, mask, **hp)
+    for w in (torch.ones(6, 9, dtype=F64), torch.ones(6, dtype=F64), torch.ones(6, 1, dtype=F64)):
+        lpx = lp.detach().clone().requires_grad_(True)
+        loss, m = compute_policy_loss(name, lpx, old, adv, mask, rollout_weights=w, **hp)
+        ref, _ = compute_policy_loss(name, lp, old, adv, mask, **hp)
+        loss.backward()
+        assert loss.item() == ref.item()
+        torch.testing.assert_close(lpx.grad, g0, rtol=0, atol=0)
+        assert m["rollout/weight_mean"] == 1.0 and m["rollout/weight_zero_frac"] == 0.0
+
+
+def test_rollout_weights_are_detached_and_scale_gradients_per_token():
+    lp, old, adv, mask, _ = random_batch(5, 4, 6)
+    w = torch.rand(4, 6, dtype=F64, requires_grad=True)
+    lpx = lp.detach().clone().requires_grad_(True)
+    loss, _ = compute_policy_loss("grpo", lpx, old, adv, mask, rollout_weights=w, loss_agg="token-mean")
+    loss.backward()
+    assert w.grad is None  # stop-gradient
+    g0 = grad_of("grpo", lp, old, adv, mask, loss_agg="token-mean")
+    torch.testing.assert_close(lpx.grad, g0 * w.detach() * mask, rtol=1e-12, atol=1e-15)
+
+
+def test_rollout_weights_padding_may_hold_nan_and_zero_removes_a_sequence():
+    lp, old, adv, mask, _ = random_batch(6, 5, 7)
+    w = torch.ones(5, 7, dtype=F64)
+    w[mask == 0] = float("nan")
+    a, _ = compute_policy_loss("gmpo", lp, old, adv, mask, rollout_weights=w)
+    b, _ = compute_policy_loss("gmpo", lp, old, adv, mask)
+    assert a.item() == b.item()
+    # one zero token weight zeroes its sequence under the geometric mean; the arithmetic mean keeps the rest
+    w = torch.ones(5, 7, dtype=F64)
+    w[0, 0] = 0.0
+    lpx = lp.detach().clone().requires_grad_(True)
+    loss, m = compute_policy_loss("gmpo", lpx, old, adv, mask, rollout_weights=w)
+    loss.backward()
+    assert torch.all(lpx.grad[0] == 0) and lpx.grad[2].abs().sum() > 0
+    assert m["rollout/weight_zero_frac"] == pytest.approx(1 / 4)  # 4 sequences with tokens, one zeroed
+    lpx = lp.detach().clone().requires_grad_(True)
+    loss, _ = compute_policy_loss("gmpo", lpx, old, adv, mask, rollout_weights=w, rollout_weights_reduce="arithmetic")
+    loss.backward()
+    assert lpx.grad[0].abs().sum() > 0
+
+
+def test_rollout_weight_errors_name_the_tensor():
+    lp, old, adv, mask, _ = random_batch(7, 3, 4)
+    with pytest.raises(ValueError, match=r"rollout_weights has shape \(4,\), expected \(3, 4\)"):
+        compute_policy_loss("grpo", lp, old, adv, mask, rollout_weights=torch.ones(4, dtype=F64))
+    with pytest.raises(ValueError, match="rollout_weights has dtype torch.float32"):
+        compute_policy_loss("grpo", lp, old, adv, mask, rollout_weights=torch.ones(3, 4))
+    bad = torch.ones(3, 4, dtype=F64)
+    bad[0, 0] = -0.5
+    with pytest.raises(ValueError, match=r"finite and >= 0 on response tokens; got \[-0.5\]"):
+        compute_policy_loss("grpo", lp, old, adv, mask, rollout_weights=bad)
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        compute_policy_loss("gmpo", lp, old, adv, mask, rollout_weights=bad)
+    with pytest.raises(ValueError, match="rollout_weights_reduce applies to per-token weights with a sequence"):
+        compute_policy_loss("grpo", lp, old, adv, mask, rollout_weights=torch.ones(3, 4, dtype=F64),
+                            rollout_weights_reduce="geometric")  # fmt: skip
+    with pytest.raises(ValueError, match="rollout_weights_reduce applies"):
+        compute_policy_loss("gmpo", lp, old, adv, mask, rollout_weights=torch.ones(3, dtype=F64),
+                            rollout_weights_reduce="geometric")  # fmt: skip
+    with pytest.raises(ValueError, match="rollout_weights_reduce='median'; valid: geometric, arithmetic"):
+        compute_policy_loss("gmpo", lp, old, adv, mask, rollout_weights=torch.ones(3, 4, dtype=F64),
+                            rollout_weights_reduce="median")  # fmt: skip
+    with pytest.raises(ValueError, match="rollout_weights_reduce is given without rollout_weights"):
+        compute_policy_loss("gmpo", lp, old, adv, mask, rollout_weights_reduce="geometric")
+
+
+def test_dual_clip_hand():
+    # A < 0, ratio e^2 = 7.39: the PPO term is 7.39 |A|, the dual clip caps it at 3 |A| with no gradient
+    lp = torch.tensor([[2.0, 0.1]], dtype=F64, requires_grad=True)
+    old = torch.zeros(1, 2, dtype=F64)
+    adv = torch.tensor([-1.0], dtype=F64)
+    mask = torch.ones(1, 2, dtype=F64)
+    loss, _ = compute_policy_loss("grpo", lp, old, adv, mask, dual_clip=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((3.0 + math.exp(0.1)) / 2, abs=1e-12)
+    assert lp.grad[0, 0].item() == 0.0 and lp.grad[0, 1].item() == pytest.approx(math.exp(0.1) / 2, abs=1e-12)
+    # A > 0: the dual clip never binds
+    a, _ = compute_policy_loss("grpo", lp, old, -adv, mask, dual_clip=3.0)
+    b, _ = compute_policy_loss("grpo", lp, old, -adv, mask)
+    assert a.item() == b.item()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dual_clip_equals_trl_delta_formula(seed):
+    """TRL's two-sided clip: coef_1 = min(w, delta); l = -min(coef_1 A, clip(w) A), for delta > 1 + eps_high."""
+    lp, old, adv, mask, _ = random_batch(seed, 8, 11)
+    lp = lp * 3  # ratios far from 1 on both sides
+    eps_lo, eps_hi, delta = 0.2, 0.28, 1.6
+    lpa = lp.detach().clone().requires_grad_(True)
+    ours, _ = compute_policy_loss("grpo", lpa, old, adv, mask, clip_low=eps_lo, clip_high=eps_hi, dual_clip=delta,
+                                  loss_agg="token-mean")  # fmt: skip
+    ours.backward()
+    lpb = lp.detach().clone().requires_grad_(True)
+    w = torch.exp(lpb - old)
+    a = adv[:, None]
+    l_trl = -torch.minimum(torch.clamp(w, max=delta) * a, torch.clamp(w, 1 - eps_lo, 1 + eps_hi) * a)
+    ref = (l_trl * mask).sum() / mask.sum()
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-12)
+    torch.testing.assert_close(lpa.grad, lpb.grad, rtol=0, atol=1e-14)
+
+
+def test_dual_clip_errors():
+    lp, old, adv, mask, _ = random_batch(0, 2, 3)
+    with pytest.raises(ValueError, match=r"dual_clip must be a number > 1 \+ clip_high = 1.28"):
+        compute_policy_loss("grpo", lp, old, adv, mask, clip_high=0.28, dual_clip=1.2)
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['dual_clip'\] for objective 'gmpo'"):
+        compute_policy_loss("gmpo", lp, old, adv, mask, dual_clip=3.0)

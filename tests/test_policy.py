@@ -119,8 +119,9 @@ def test_response_log_probs_equal_the_naive_computation(bpe):
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_head_op_in_float64_equals_log_softmax_exactly(with_bias):
+def test_fused_head_op_in_float64_equals_log_softmax_exactly(with_bias, temperature):
     from rspo.policy import _FusedHeadLogProb
 
     g = torch.Generator().manual_seed(1)
@@ -134,10 +135,10 @@ def test_fused_head_op_in_float64_equals_log_softmax_exactly(with_bias):
 
     old, pol_mod.CHUNK_BYTES = pol_mod.CHUNK_BYTES, 4 * v * 8  # 8 tokens per chunk: several chunks
     try:
-        logp, ent = _FusedHeadLogProb.apply(hidden, weight, bias, tgt, True)
+        logp, ent = _FusedHeadLogProb.apply(hidden, weight, bias, tgt, True, temperature)
     finally:
         pol_mod.CHUNK_BYTES = old
-    lsm = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias), -1)
+    lsm = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias) / temperature, -1)
     ref = lsm.gather(-1, tgt[:, None]).squeeze(-1)
     torch.testing.assert_close(logp, ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(ent, -(lsm.exp() * lsm).sum(-1).detach(), atol=1e-12, rtol=0)
@@ -147,6 +148,28 @@ def test_fused_head_op_in_float64_equals_log_softmax_exactly(with_bias):
     for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert not ent.requires_grad
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampler_log_probs_equal_the_trainers(tiny_policy, temperature, top_p):
+    """The sampler reports log-probs under softmax(logits / T) (before top-p); the trainer's scoring of the same
+    tokens at T agrees up to float32 numerics (KV cache vs one full forward): the rollout-correction ratio is 1."""
+    pol = load_policy(tiny_policy)
+    task = make_task("countdown")
+    prompts = [task.prompt(p) for p in task.eval_examples("validation")[:12]]
+    gen = HFSampler(pol).sample(prompts, max_new_tokens=20, seed=5, temperature=temperature, top_p=top_p)
+    assert gen.logprobs is not None and gen.logprobs.shape == gen.response_mask.shape
+    assert bool((gen.logprobs[gen.response_mask == 0] == 0).all())
+    with torch.no_grad():
+        ref, _, _ = response_log_probs(pol.model, gen.sequences, gen.attention_mask, gen.response_mask.shape[1],
+                                       temperature=temperature)  # fmt: skip
+    sel = gen.response_mask > 0
+    torch.testing.assert_close(gen.logprobs[sel], ref[sel], atol=2e-5, rtol=0)
+    # at another temperature the scores differ: the temperature is really applied on both sides
+    other, _, _ = response_log_probs(pol.model, gen.sequences, gen.attention_mask, gen.response_mask.shape[1])
+    if temperature != 1.0:
+        assert (other[sel] - gen.logprobs[sel]).abs().max() > 1e-2
+    assert HFSampler(pol).sample(prompts[:2], max_new_tokens=5, greedy=True).logprobs is None
 
 
 def test_memory_at_a_150k_vocabulary_holds_no_vocabulary_sized_tensor():

@@ -61,6 +61,13 @@ VARIANTS = {
     "freeze": {"objective__name": "grpo", "routing__control": "freeze"},
     "replay_logits": {"objective__name": "grpo", "routing__control": "replay_logits"},
     "replay_indices": {"objective__name": "grpo", "routing__control": "replay_indices"},
+    "grpo_dual_clip_token_tis": {"objective__name": "grpo", "objective__dual_clip": 3.0,
+                                 "rollout_correction__level": "token"},
+    "rspo_icepop_tempered": {"objective__name": "rspo", "rollout__temperature": 0.7, "rollout__top_p": 0.9,
+                             "rollout_correction__level": "token", "rollout_correction__mode": "mask",
+                             "rollout_correction__low": 0.5, "rollout_correction__reduce": "arithmetic"},
+    "gspo_sequence_mask": {"objective__name": "gspo", "rollout_correction__level": "sequence",
+                           "rollout_correction__mode": "mask", "rollout_correction__low": 0.5},
     "kl_aux_drop_epochs": {"objective__name": "rspo", "kl_coef": 0.05, "routing__aux_loss_coef": 0.01,
                            "drop_zero_spread": True, "ppo_epochs": 2},
 }  # fmt: skip
@@ -113,6 +120,31 @@ def test_first_minibatch_is_exactly_on_policy(tiny_policy, tmp_path):
     stats = tr.update(b)  # two updates: the second is off-policy
     assert stats["offpolicy/router_gamma_mean"] < 1.0
     assert stats["offpolicy/ratio_std"] > 0
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampler_log_probs_reach_the_loss(tiny_policy, tmp_path, temperature, top_p):
+    """The sampler's log-probs and the old pass agree (same model: ratio 1 up to float32 numerics) at the
+    rollout temperature, and the correction's weights reach the loss: masking every token (no ratio lies in
+    [1.5, 2]) leaves the policy unchanged."""
+    over = {"rollout__temperature": temperature, "rollout__top_p": top_p, "steps": 1}
+    tr = Trainer(tiny_cfg(tiny_policy, tmp_path / "a", **over), progress=False)
+    b = tr.rollout()
+    tr.score_and_advantages(b)
+    tr.old_pass(b)
+    keep = b.response_mask > 0
+    assert b.rollout_log_probs is not None and b.rollout_weights is None  # diagnostics only by default
+    assert (b.rollout_log_probs - b.old_log_probs)[keep].abs().max() < 2e-5
+    assert b.rollout_stats["rollout/logp_diff_max"] < 2e-5 and abs(b.rollout_stats["rollout/ratio_mean"] - 1) < 1e-5
+    assert "rollout/weight_mean" not in b.rollout_stats
+    over |= {"rollout_correction__level": "token", "rollout_correction__mode": "mask",
+             "rollout_correction__low": 1.5, "rollout_correction__high": 2.0, "objective__name": "grpo"}  # fmt: skip
+    tr = Trainer(tiny_cfg(tiny_policy, tmp_path / "b", **over), progress=False)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.train()
+    row = metrics(tmp_path / "b")[-1]
+    assert row["rollout/masked_frac"] == 1.0 and row["rollout/weight_zero_frac"] == 1.0
+    assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())  # every weight 0: no step
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_policy, tmp_path):
@@ -216,6 +248,15 @@ def test_config_errors_name_the_field(tmp_path):
         build(TrainConfig, {"steps": "many"})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(TrainConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="rollout_correction: high set but level is none"):
+        build(TrainConfig, {"rollout_correction": {"high": 3.0}})
+    with pytest.raises(ConfigError, match="rollout_correction.reduce applies to level=token with a sequence"):
+        rc = {"level": "token", "reduce": "arithmetic"}
+        build(TrainConfig, {"objective": {"name": "grpo"}, "rollout_correction": rc})
+    with pytest.raises(ConfigError, match=r"dual_clip must be a number > 1 \+ clip_high"):
+        build(TrainConfig, {"objective": {"name": "grpo", "dual_clip": 1.1}})
+    with pytest.raises(ConfigError, match="dual_clip"):
+        build(TrainConfig, {"objective": {"name": "rspo", "dual_clip": 3.0}})
     cfg = load_config(TrainConfig, None, ["objective.name=gspo", "seed=3", "optim.lr=1e-3", "router_shift.top_k=null"])
     assert (cfg.objective.name, cfg.seed, cfg.optim.lr, cfg.router_shift.enabled) == ("gspo", 3, 1e-3, False)
 

@@ -57,9 +57,10 @@ def test_loss_and_gradients_equal_our_trainer(tiny_policy, tmp_path, objective):
     loss_a.backward()
     grads_a = {n: p.grad.clone() for n, p in ours.model.named_parameters() if p.grad is not None}
 
-    extra = {"clip_low": 0.05, "clip_high": 0.05} if name == "gspo_token" else {}
-    # TRL adds the MoE aux loss with the model config's coefficient by default; ours has it off
-    tr = make_trainer(trl_model, ours.tok, tmp_path, objective=name, router_shift=rs, router_aux_loss_coef=0.0, **extra)
+    extra = {"epsilon": 0.05, "epsilon_high": 0.05} if name == "gspo_token" else {}
+    if name != "rspo":
+        extra["loss_type"] = "grpo"  # rspo train's token aggregation (TRL's default is dapo)
+    tr = make_trainer(trl_model, ours.tok, tmp_path, objective=name, router_shift=rs, **extra)
     tr.model.train()
     tr.current_gradient_accumulation_steps = 1
     p = b.prompt_len
@@ -89,8 +90,8 @@ def _gamma_log(trainer):
         {"objective": "rspo"},
         {"objective": "grpo"},
         {"objective": "grpo", "router_shift": True},
-        {"objective": "gspo", "clip_low": 0.05, "clip_high": 0.05},
-        {"objective": "gspo_token", "clip_low": 0.05, "clip_high": 0.05, "router_shift": True},
+        {"objective": "gspo", "epsilon": 0.05, "epsilon_high": 0.05},
+        {"objective": "gspo_token", "epsilon": 0.05, "epsilon_high": 0.05, "router_shift": True},
         {"objective": "gmpo"},
         {"objective": "rspo", "routing_control": "freeze"},
         {"objective": "grpo", "routing_control": "replay_indices"},

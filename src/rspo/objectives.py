@@ -4,22 +4,31 @@ Entry point (used by the trainer, the docs and the outside checks)::
 
     loss, metrics = compute_policy_loss(
         name, log_probs, old_log_probs, advantages, response_mask,
-        router_shift=None, **hparams)
+        router_shift=None, rollout_weights=None, **hparams)
 
 Shapes: ``log_probs``, ``old_log_probs``, ``response_mask``: ``(B, T)``; ``advantages``:
-``(B,)`` or ``(B, T)``; ``router_shift`` (gamma): ``(B, T)``. The loss is a scalar to
-*minimise*; ``metrics`` maps namespaced names to Python floats.
+``(B,)`` or ``(B, T)``; ``router_shift`` (gamma): ``(B, T)``; ``rollout_weights``: ``(B, T)``
+or ``(B,)``. The loss is a scalar to *minimise*; ``metrics`` maps namespaced names to Python
+floats.
 
 Notation used in every docstring below (per token, ``m`` = response mask)::
 
     dl = logp - old_logp          w = exp(dl)           A = advantage
     g  = gamma (router-shift ratio, stop-gradient, in [gamma_min, 1])
+    c  = rollout-correction weight (stop-gradient, >= 0): pi_old / pi_rollout, truncated or masked
 
 Every objective function has the same signature ``fn(log_probs, old_log_probs, advantages,
 response_mask, router_shift, **hp) -> ObjectiveTerms``: advantages arrive broadcast to
 ``(B, T)``, the mask as a float tensor, and ``hp`` holds exactly the objective's validated
-hyperparameters. Token aggregation (:func:`aggregate`) is separate from the per-token terms.
-Metrics are computed once, in :func:`compute_policy_loss`, for every objective alike.
+hyperparameters (plus ``rollout_weights`` when given: ``(B, T)`` for token-level objectives,
+``(B,)`` for sequence-level ones). Token aggregation (:func:`aggregate`) is separate from the
+per-token terms. Metrics are computed once, in :func:`compute_policy_loss`, for every objective.
+
+Rollout correction (decoupled PPO: the rollout engine's policy differs from the old policy the
+ratio is taken against) multiplies the clipped loss by c: token objectives per token, sequence
+objectives (gspo, gmpo, rspo) per sequence. Router shift and rollout correction compose: gamma
+scales the ratio pi_theta / pi_old (how far the router moved since the old pass), c the
+behaviour ratio pi_old / pi_rollout (how differently the engine sampled); neither sees the other.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 RouterShiftPlacement = Literal["after_clip", "before_clip"]
 RouterShiftForm = Literal["weight", "eq5_literal"]
 RouterShiftUse = Literal["none", "optional", "required"]
+Level = Literal["token", "sequence"]
+WeightsReduce = Literal["geometric", "arithmetic"]
 
 # Hyperparameters with a closed set of values: checked at call time, the error lists them.
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -87,6 +98,8 @@ class Objective:
     router_shift: RouterShiftUse
     summary: str
     paper: str
+    level: Level = "token"
+    """Where rollout-correction weights apply: each token's loss, or each sequence's."""
 
     def valid_hparams(self, with_router_shift: bool) -> dict[str, Any]:
         hp = dict(self.defaults)
@@ -105,13 +118,17 @@ def register_objective(
     router_shift: RouterShiftUse,
     summary: str,
     paper: str,
+    level: Level = "token",
 ) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Decorator: register ``fn`` under ``name`` (a duplicate name is an error)."""
+    """Decorator: register ``fn`` under ``name`` (a duplicate name is an error). ``level`` says whether the
+    objective's loss is per token (rollout weights multiply each token's loss) or per sequence."""
 
     def deco(fn: ObjectiveFn) -> ObjectiveFn:
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is already registered")
-        _REGISTRY[name] = Objective(name, fn, dict(defaults), router_shift, summary, paper)
+        if level not in get_args(Level):
+            raise ValueError(f"level={level!r}; valid: {', '.join(get_args(Level))}")
+        _REGISTRY[name] = Objective(name, fn, dict(defaults), router_shift, summary, paper, level)
         return fn
 
     return deco
@@ -184,6 +201,18 @@ def _log_gamma(router_shift: Tensor | None) -> Tensor | None:
     return None if router_shift is None else torch.log(router_shift)
 
 
+def _dual_clip(loss: Tensor, advantages: Tensor, c: float | None) -> Tensor:
+    """Dual clip (Ye et al. 2020; verl's ``clip_ratio_c``, TRL's ``delta``): with A < 0 the loss is at most
+    ``-A c``, so a token (or sequence) whose ratio ran far above 1 cannot dominate the update."""
+    if c is None:
+        return loss
+    return torch.where(advantages < 0, torch.minimum(loss, -advantages * c), loss)
+
+
+def _weighted(loss: Tensor, rollout_weights: Tensor | None) -> Tensor:
+    return loss if rollout_weights is None else loss * rollout_weights
+
+
 # ----------------------------------------------------------------------------------------
 # Objectives
 # ----------------------------------------------------------------------------------------
@@ -191,7 +220,13 @@ def _log_gamma(router_shift: Tensor | None) -> Tensor | None:
 
 @register_objective(
     "grpo",
-    defaults={"clip_low": 0.2, "clip_high": 0.2, "loss_agg": "seq-mean-token-mean", "norm_length": None},
+    defaults={
+        "clip_low": 0.2,
+        "clip_high": 0.2,
+        "loss_agg": "seq-mean-token-mean",
+        "norm_length": None,
+        "dual_clip": None,
+    },
     router_shift="optional",
     summary="token-level PPO clip; DAPO clip-higher = clip_high 0.28; Dr. GRPO = seq-mean-token-sum-norm",
     paper="Shao et al. 2024 (DeepSeekMath, GRPO); Yu et al. 2025 (DAPO); Liu et al. 2025 (Dr. GRPO)",
@@ -207,23 +242,26 @@ def grpo(
     clip_high: float,
     loss_agg: LossAgg,
     norm_length: float | None,
+    dual_clip: float | None,
     router_shift_placement: RouterShiftPlacement = "after_clip",
     router_clip_mask: Tensor | None = None,
+    rollout_weights: Tensor | None = None,
 ) -> ObjectiveTerms:
-    """GRPO: token-level clipped surrogate, no dual clip.
+    """GRPO: token-level clipped surrogate.
 
     Formula (per token, to minimise)::
 
         l = max(-A w, -A clip(w, 1 - clip_low, 1 + clip_high))
-        loss = aggregate(l, m, loss_agg)
+        l = min(l, -A dual_clip)          if A < 0 and dual_clip is set (verl clip_ratio_c, TRL delta)
+        loss = aggregate(c * l, m, loss_agg)       (c = rollout weight per token, 1 without)
 
     With router shift (the paper's "GRPO+RS", §4.3)::
 
         after_clip  (default):  l = g * max(-A w, -A clip(w))
         before_clip:            l = max(-A (w g), -A clip(w g))
 
-    Shapes: all inputs ``(B, T)``. Detached: ``old_log_probs`` and ``g`` (by the caller).
-    Departures: none from the GRPO paper (no dual clip, unlike verl's ``vanilla`` default of
+    Shapes: all inputs ``(B, T)``. Detached: ``old_log_probs``, ``g`` and ``c``.
+    Departures: none from the GRPO paper (dual clip off by default, unlike verl's ``vanilla`` with
     ``clip_ratio_c=3``); no clamp of ``dl`` (verl clamps to [-20, 20]).
     """
     log_gamma = _log_gamma(router_shift)
@@ -233,12 +271,12 @@ def grpo(
     ratio = torch.exp(log_ratio)
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(loss_unclipped, loss_clipped)  # (B, T)
+    per_token = _dual_clip(torch.maximum(loss_unclipped, loss_clipped), advantages, dual_clip)  # (B, T)
     if router_shift is not None and router_shift_placement == "after_clip":
         per_token = per_token * router_shift
     mask = response_mask if router_clip_mask is None else response_mask * router_clip_mask
     return ObjectiveTerms(
-        loss=aggregate(per_token, mask, loss_agg, norm_length),
+        loss=aggregate(_weighted(per_token, rollout_weights), mask, loss_agg, norm_length),
         clipped_low=(ratio < 1 - clip_low) & (advantages < 0),
         clipped_high=(ratio > 1 + clip_high) & (advantages > 0),
         loss_mask=mask,
@@ -267,10 +305,11 @@ def _gspo_sequence_log_ratio(
 
 @register_objective(
     "gspo",
-    defaults={"clip_low": 3e-4, "clip_high": 4e-4},
+    defaults={"clip_low": 3e-4, "clip_high": 4e-4, "dual_clip": None},
     router_shift="optional",
     summary="sequence ratio s = exp(mean_t dl), sequence-level clip, sequence-mean loss",
     paper="Zheng et al. 2025 (GSPO, arXiv:2507.18071)",
+    level="sequence",
 )
 def gspo(
     log_probs: Tensor,
@@ -281,8 +320,10 @@ def gspo(
     *,
     clip_low: float,
     clip_high: float,
+    dual_clip: float | None,
     router_shift_placement: RouterShiftPlacement = "after_clip",
     router_clip_mask: Tensor | None = None,
+    rollout_weights: Tensor | None = None,
 ) -> ObjectiveTerms:
     """GSPO: sequence-level ratio and clip.
 
@@ -290,7 +331,8 @@ def gspo(
 
         s_b  = exp( sum_t m dl / sum_t m )
         l_b  = max(-A_b s_b, -A_b clip(s_b, 1 - clip_low, 1 + clip_high))
-        loss = mean_b l_b
+        l_b  = min(l_b, -A_b dual_clip)     if A_b < 0 and dual_clip is set
+        loss = mean_b c_b l_b               (c_b = rollout weight per sequence, 1 without)
 
     With router shift ("GSPO+RS"), G_b = exp(sum_t m log g / sum_t m), the geometric mean of
     gamma over the sequence::
@@ -310,16 +352,23 @@ def gspo(
     adv = _seq_advantage(advantages, mask)  # (B,)
     s = torch.exp(log_s)  # (B,)
     per_seq = torch.maximum(-adv * s, -adv * torch.clamp(s, 1 - clip_low, 1 + clip_high))
+    per_seq = _dual_clip(per_seq, adv, dual_clip)
     if log_g is not None:
         per_seq = per_seq * torch.exp(log_g)
     low = ((s < 1 - clip_low) & (adv < 0))[:, None].expand_as(mask)
     high = ((s > 1 + clip_high) & (adv > 0))[:, None].expand_as(mask)
-    return ObjectiveTerms(seq_mean(per_seq, mask), low, high, mask)
+    return ObjectiveTerms(seq_mean(_weighted(per_seq, rollout_weights), mask), low, high, mask)
 
 
 @register_objective(
     "gspo_token",
-    defaults={"clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq-mean-token-mean", "norm_length": None},
+    defaults={
+        "clip_low": 3e-4,
+        "clip_high": 4e-4,
+        "loss_agg": "seq-mean-token-mean",
+        "norm_length": None,
+        "dual_clip": None,
+    },
     router_shift="optional",
     summary="GSPO-token: s_t = sg(s) * pi/sg(pi); equals gspo in value, and in gradient for per-sequence A",
     paper="Zheng et al. 2025 (GSPO, §4.3 GSPO-token)",
@@ -335,8 +384,10 @@ def gspo_token(
     clip_high: float,
     loss_agg: LossAgg,
     norm_length: float | None,
+    dual_clip: float | None,
     router_shift_placement: RouterShiftPlacement = "after_clip",
     router_clip_mask: Tensor | None = None,
+    rollout_weights: Tensor | None = None,
 ) -> ObjectiveTerms:
     """GSPO-token: per-token advantages with the sequence ratio's value.
 
@@ -344,7 +395,8 @@ def gspo_token(
 
         s_bt = sg[s_b] * exp(logp_bt - sg[logp_bt])        (value s_b, gradient of logp_bt)
         l_bt = max(-A_bt s_bt, -A_bt clip(s_bt, 1 - clip_low, 1 + clip_high))
-        loss = aggregate(l, m, loss_agg)                    (default seq-mean-token-mean)
+        l_bt = min(l_bt, -A_bt dual_clip)                   if A_bt < 0 and dual_clip is set
+        loss = aggregate(c * l, m, loss_agg)                (default seq-mean-token-mean)
 
     Router shift as in ``gspo`` (G_b folded into sg[s_b] before clip, or multiplying l after).
     With the default aggregation and A constant per sequence, value and gradient equal ``gspo``.
@@ -357,10 +409,11 @@ def gspo_token(
     log_s_token = log_probs - log_probs.detach() + log_s.detach()[:, None]  # (B, T)
     s = torch.exp(log_s_token)
     per_token = torch.maximum(-advantages * s, -advantages * torch.clamp(s, 1 - clip_low, 1 + clip_high))
+    per_token = _dual_clip(per_token, advantages, dual_clip)
     if log_g is not None:
         per_token = per_token * torch.exp(log_g)[:, None]
     return ObjectiveTerms(
-        loss=aggregate(per_token, mask, loss_agg, norm_length),
+        loss=aggregate(_weighted(per_token, rollout_weights), mask, loss_agg, norm_length),
         clipped_low=(s < 1 - clip_low) & (advantages < 0),
         clipped_high=(s > 1 + clip_high) & (advantages > 0),
         loss_mask=mask,
@@ -378,6 +431,7 @@ def _geometric_mean_terms(
     placement: RouterShiftPlacement,
     form: RouterShiftForm,
     router_clip_mask: Tensor | None,
+    rollout_weights: Tensor | None,
 ) -> ObjectiveTerms:
     """Shared body of ``gmpo`` and ``rspo`` (see their docstrings)."""
     mask = response_mask if router_clip_mask is None else response_mask * router_clip_mask
@@ -395,7 +449,7 @@ def _geometric_mean_terms(
     adv = _seq_advantage(advantages, mask)  # (B,)
     per_seq = -adv * torch.exp(log_r)
     return ObjectiveTerms(
-        loss=seq_mean(per_seq, mask),
+        loss=seq_mean(_weighted(per_seq, rollout_weights), mask),
         clipped_low=(dl < -clip_low) & (advantages < 0),
         clipped_high=(dl > clip_high) & (advantages > 0),
         loss_mask=mask,
@@ -408,6 +462,7 @@ def _geometric_mean_terms(
     router_shift="none",
     summary="one-sided token clip in log space (sign(A) rule), geometric mean over the sequence",
     paper="Zhao et al. 2025 (GMPO, arXiv:2507.20673)",
+    level="sequence",
 )
 def gmpo(
     log_probs: Tensor,
@@ -418,6 +473,7 @@ def gmpo(
     *,
     clip_low: float,
     clip_high: float,
+    rollout_weights: Tensor | None = None,
 ) -> ObjectiveTerms:
     """GMPO: geometric mean of token ratios clipped one-sidedly in log space.
 
@@ -425,7 +481,7 @@ def gmpo(
 
         dl_c  = s * min(s dl, s clamp(dl, -clip_low, clip_high))
         R_b   = exp( sum_t m dl_c / sum_t m )
-        loss  = mean_b( -A_b R_b )
+        loss  = mean_b( -c_b A_b R_b )          (c_b = rollout weight per sequence, 1 without)
 
     The clip range in ratio space is (e^-clip_low, e^clip_high); GMPO's default 0.4.
     Shapes ``(B, T)``; A_b is the masked token mean of the advantages (as verl's ``geo_mean``),
@@ -435,7 +491,7 @@ def gmpo(
     """
     return _geometric_mean_terms(
         log_probs, old_log_probs, advantages, response_mask, None, clip_low, clip_high,
-        "after_clip", "weight", None,
+        "after_clip", "weight", None, rollout_weights,
     )  # fmt: skip
 
 
@@ -445,6 +501,7 @@ def gmpo(
     router_shift="required",
     summary="GMPO with the router-shift ratio gamma folded into each token's log-ratio",
     paper="Zhang et al. 2026 (RSPO, ACL 2026), Eq. 5-6 and its PyTorch snippet",
+    level="sequence",
 )
 def rspo(
     log_probs: Tensor,
@@ -458,6 +515,7 @@ def rspo(
     router_shift_form: RouterShiftForm,
     router_shift_placement: RouterShiftPlacement = "after_clip",
     router_clip_mask: Tensor | None = None,
+    rollout_weights: Tensor | None = None,
 ) -> ObjectiveTerms:
     """RSPO: GMPO with the router-shift ratio g (stop-gradient) in each token's ratio.
 
@@ -468,7 +526,7 @@ def rspo(
         before_clip (the ACL 2026 abstract, verl forks):
             dl_c = s * min(s dl', s clamp(dl', -clip_low, clip_high)),  dl' = dl + log g
         R_b  = exp( sum_t m dl_c / sum_t m )      (= GMPO ratio x geometric mean of g)
-        loss = mean_b( -A_b R_b )
+        loss = mean_b( -c_b A_b R_b )             (c_b = rollout weight per sequence, 1 without)
 
     ``router_shift_form='eq5_literal'`` reads paper Eq. 5 literally: the bracket
     (min[w^s, clip(w^s)] * g)^s adds ``s * log g``, which *up*-weights tokens with A < 0. It is
@@ -485,7 +543,7 @@ def rspo(
         )
     return _geometric_mean_terms(
         log_probs, old_log_probs, advantages, response_mask, router_shift, clip_low, clip_high,
-        router_shift_placement, router_shift_form, router_clip_mask,
+        router_shift_placement, router_shift_form, router_clip_mask, rollout_weights,
     )  # fmt: skip
 
 
@@ -523,6 +581,11 @@ def _resolve_hparams(obj: Objective, with_router_shift: bool, hparams: dict[str,
             raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
     if obj.name in ("grpo", "gspo", "gspo_token") and hp["clip_low"] >= 1:
         raise ValueError(f"clip_low must be < 1 for {obj.name!r} (the lower bound is 1 - clip_low)")
+    c = hp.get("dual_clip")
+    if c is not None and not (
+        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c > 1 + hp["clip_high"]
+    ):
+        raise ValueError(f"dual_clip must be a number > 1 + clip_high = {1 + hp['clip_high']:g} (or None), got {c!r}")
     if "loss_agg" in hp:
         needs_norm = hp["loss_agg"] == "seq-mean-token-sum-norm"
         nl = hp["norm_length"]
@@ -564,6 +627,8 @@ def compute_policy_loss(
     advantages: Tensor,
     response_mask: Tensor,
     router_shift: Tensor | None = None,
+    rollout_weights: Tensor | None = None,
+    rollout_weights_reduce: WeightsReduce | None = None,
     **hparams: Any,
 ) -> tuple[Tensor, dict[str, float]]:
     """Compute objective ``name`` and its metrics.
@@ -577,6 +642,18 @@ def compute_policy_loss(
         router_shift: optional ``(B, T)`` gamma in (0, 1] from
             :func:`rspo.routing.router_shift_ratio`. Detached here unless
             ``router_shift_grad=True``. Passing it to an objective that cannot use it is an error.
+        rollout_weights: optional rollout-correction weights, ``(B, T)`` per token or ``(B,)`` (or
+            ``(B, 1)``) per sequence, finite and >= 0 on response tokens; always detached. The same
+            meaning as verl's ``rollout_is_weights`` and TRL's ``importance_sampling_ratio`` (see
+            :mod:`rspo.correction` for computing them). Token objectives (grpo, gspo_token) multiply each
+            token's loss (a per-sequence weight applies to all its tokens); sequence objectives (gspo,
+            gmpo, rspo) multiply each sequence's loss, and reduce per-token weights to one per sequence
+            over the loss mask by ``rollout_weights_reduce``. The aggregation's denominators do not
+            change (a weight of 0 removes a token's contribution, not its place: as verl and TRL).
+        rollout_weights_reduce: for per-token weights with a sequence objective: ``'geometric'`` (the
+            default: exp of the mean log weight, as verl's ``geo_mean`` loss; one zero weight zeroes the
+            sequence) or ``'arithmetic'`` (the mean weight, what TRL's sequence-level losses do when its
+            token-level ratio multiplies the broadcast sequence loss). An error in any other case.
         **hparams: the objective's hyperparameters (see ``get_objective(name).defaults``) and,
             with ``router_shift``: ``router_shift_placement`` ('after_clip' | 'before_clip'),
             ``router_shift_grad`` (ablation: let gradients flow into gamma), ``router_clip_threshold``
@@ -589,8 +666,9 @@ def compute_policy_loss(
         ``loss/policy``, ``clip_ratio/{low,high,region}_mean`` (share of response tokens whose
         clip is active), ``ratio/{mean,std,max,min}`` (raw token ratio w over the mask,
         population std), ``kl/approx`` (mean of the k3 estimator (w - 1) - dl of KL(old||new)),
-        and with gamma ``router/gamma_mean``, ``router/gamma_p10``, ``router/gamma_min``, and
-        ``router/clip_frac`` (if a threshold is given).
+        with gamma ``router/gamma_mean``, ``router/gamma_p10``, ``router/gamma_min``, and
+        ``router/clip_frac`` (if a threshold is given), with rollout weights ``rollout/weight_mean``
+        and ``rollout/weight_zero_frac`` (over tokens, or sequences for sequence objectives).
     """
     obj = get_objective(name)
     hp = check_hparams(name, router_shift=router_shift is not None, **hparams)
@@ -642,10 +720,58 @@ def compute_policy_loss(
         if hp["router_clip_drop"]:  # keep the tokens the snippet's router_clip_mask does not flag
             flagged = router_clip_mask(gamma.detach(), mask, hp["router_clip_threshold"])
             extra["router_clip_mask"] = (~flagged).to(mask.dtype)
+    if rollout_weights is not None:
+        loss_mask = mask if "router_clip_mask" not in extra else mask * extra["router_clip_mask"]
+        extra["rollout_weights"] = _rollout_weights(obj, rollout_weights, loss_mask, rollout_weights_reduce)
+    elif rollout_weights_reduce is not None:
+        raise ValueError("rollout_weights_reduce is given without rollout_weights")
     fn_hp = {k: v for k, v in hp.items() if k not in ROUTER_SHIFT_HPARAMS}
 
     terms = obj.fn(log_probs, old_log_probs, advantages, mask, gamma, **fn_hp, **extra)
-    return terms.loss, _metrics(terms, log_probs, old_log_probs, mask, gamma, hp)
+    metrics = _metrics(terms, log_probs, old_log_probs, mask, gamma, hp)
+    if rollout_weights is not None:
+        w = extra["rollout_weights"]
+        sel = terms.loss_mask > 0 if obj.level == "token" else terms.loss_mask.sum(-1) > 0
+        w = w.expand_as(terms.loss_mask)[sel] if obj.level == "token" else w[sel]
+        metrics["rollout/weight_mean"] = float(w.mean()) if w.numel() else float("nan")
+        metrics["rollout/weight_zero_frac"] = float((w == 0).double().mean()) if w.numel() else 0.0
+    return terms.loss, metrics
+
+
+def _rollout_weights(obj: Objective, w: Any, mask: Tensor, reduce: WeightsReduce | None) -> Tensor:
+    """Rollout weights checked and detached, in the objective's form: ``(B, T)`` or ``(B, 1)`` for a token
+    objective, ``(B,)`` for a sequence objective (per-token weights reduced over ``mask``)."""
+    bt = tuple(mask.shape)
+    _check_tensor("rollout_weights", w, None, mask.dtype)
+    if w.device != mask.device:
+        raise ValueError(f"rollout_weights is on {w.device}, log_probs on {mask.device}")
+    shape = tuple(w.shape)
+    if shape not in (bt, (bt[0],), (bt[0], 1)):
+        raise ValueError(f"rollout_weights has shape {shape}, expected {bt} (per token) or ({bt[0]},) (per sequence)")
+    w = w.detach()
+    per_token = shape == bt
+    if reduce is not None and not (per_token and obj.level == "sequence"):
+        raise ValueError(
+            f"rollout_weights_reduce applies to per-token weights with a sequence-level objective "
+            f"(gspo, gmpo, rspo), not to {'per-token' if per_token else 'per-sequence'} weights with {obj.name!r}"
+        )
+    if reduce is not None and reduce not in get_args(WeightsReduce):
+        raise ValueError(f"rollout_weights_reduce={reduce!r}; valid: {', '.join(get_args(WeightsReduce))}")
+    keep = mask != 0 if per_token else mask.sum(-1, keepdim=shape != (bt[0],)) > 0
+    vals = w[keep]
+    if vals.numel() and not bool((torch.isfinite(vals) & (vals >= 0)).all()):
+        bad = vals[~(torch.isfinite(vals) & (vals >= 0))]
+        raise ValueError(f"rollout_weights must be finite and >= 0 on response tokens; got {bad[:3].tolist()} "
+                         f"({bad.numel()} such values)")  # fmt: skip
+    one = torch.ones((), dtype=w.dtype, device=w.device)
+    w = torch.where(keep, w, one)  # padding: anything (NaN included) becomes a neutral 1
+    if obj.level == "token":
+        return w if per_token else w.reshape(bt[0], 1)
+    if not per_token:
+        return w.reshape(bt[0])
+    if (reduce or "geometric") == "geometric":
+        return torch.exp(masked_mean(torch.log(w), mask, dim=-1))  # a zero weight gives exp(-inf) = 0
+    return masked_mean(w, mask, dim=-1)
 
 
 @torch.no_grad()
@@ -682,11 +808,13 @@ def _metrics(
 
 __all__ = [
     "ROUTER_SHIFT_HPARAMS",
+    "Level",
     "LossAgg",
     "Objective",
     "ObjectiveTerms",
     "RouterShiftForm",
     "RouterShiftPlacement",
+    "WeightsReduce",
     "aggregate",
     "check_hparams",
     "compute_policy_loss",

@@ -29,6 +29,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
@@ -202,8 +204,9 @@ class Generation:
     sequences: ``(B, P + T)`` prompt (left-padded to P) then response (right-padded to T with pad).
     attention_mask: ``(B, P + T)``.  prompt_len: P.  response_mask: ``(B, T)`` 1 on response tokens,
     up to and including the stop token (or the last token of a stop string).  texts: decoded responses
-    (special tokens removed).  logprobs: ``(B, T)`` the sampler's log-probs of the response tokens, for
-    engines that report them (None here).
+    (special tokens removed).  logprobs: ``(B, T)`` float32, the sampler's own log-probs of the response
+    tokens under softmax(logits / temperature) (before top-p, as the trainer scores them), 0 after the
+    response; None for greedy decoding. An engine that reports them makes rollout correction possible.
     """
 
     sequences: Tensor
@@ -241,6 +244,35 @@ class _FinishRecorder(StoppingCriteria):
         return done | (self.lengths >= 0)
 
 
+class _LogProbRecorder(LogitsProcessor):
+    """Records the log-prob of each sampled token under softmax(logits / temperature), while ``generate``
+    samples: it sees each step's logits (custom processors run before the sampling warpers) and keeps
+    only one step's log-softmax (B, V) until the next call reveals the token drawn from it."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.prev: Tensor | None = None
+        self.out: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.prev is not None:
+            self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens: Tensor) -> None:
+        self.out.append(self.prev.gather(-1, tokens[:, None]).squeeze(-1))
+        self.prev = None
+
+    def finish(self, response: Tensor) -> Tensor:
+        """``(B, T)`` log-probs given the generated response ``(B, T)`` (its last token not yet taken)."""
+        if self.prev is not None:
+            self._take(response[:, len(self.out)])
+        if len(self.out) != response.shape[1]:
+            raise RuntimeError(f"recorded {len(self.out)} log-probs for {response.shape[1]} generated tokens")
+        return torch.stack(self.out, 1) if self.out else response.new_zeros(response.shape, dtype=torch.float32)
+
+
 class Sampler:
     """Interface of a rollout engine: one response per prompt."""
 
@@ -263,7 +295,8 @@ class HFSampler(Sampler):
 
     Only the sampling parameters given here apply (a fresh GenerationConfig: no top-k, repetition penalty
     or temperature hidden in the checkpoint's ``generation_config``), so the distribution sampled is
-    exactly softmax(logits / temperature) restricted to the top-p nucleus.
+    exactly softmax(logits / temperature) restricted to the top-p nucleus. Sampled generations report
+    the sampler's log-probs (:class:`Generation`).
     """
 
     def __init__(self, policy: Policy) -> None:
@@ -291,21 +324,27 @@ class HFSampler(Sampler):
                                pad_token_id=pol.pad_id)  # fmt: skip
         if seed is not None:
             torch.manual_seed(seed)
+        logp_rec = None if greedy else _LogProbRecorder(temperature)
         was_training = pol.model.training
         pol.model.eval()
         try:
             out = pol.model.generate(input_ids=ids, attention_mask=am, generation_config=cfg,
-                                     stopping_criteria=StoppingCriteriaList([rec]))  # fmt: skip
+                                     stopping_criteria=StoppingCriteriaList([rec]),
+                                     logits_processor=LogitsProcessorList([logp_rec] if logp_rec else []))  # fmt: skip
         finally:
             pol.model.train(was_training)
         resp = out[:, p:]  # (B, T)
         t = resp.shape[1]
         lengths = torch.where(rec.lengths < 0, torch.full_like(rec.lengths, t), rec.lengths)
         response_mask = (torch.arange(t, device=resp.device)[None, :] < lengths[:, None]).long()
+        logprobs = None
+        if logp_rec is not None:
+            logprobs = logp_rec.finish(resp).masked_fill(response_mask == 0, 0.0)  # (B, T)
         resp = resp.masked_fill(response_mask == 0, pol.pad_id)
         texts = pol.tokenizer.batch_decode([r[:n] for r, n in zip(resp.tolist(), lengths.tolist(), strict=True)],
                                            skip_special_tokens=True)  # fmt: skip
-        return Generation(torch.cat([ids, resp], 1), torch.cat([am, response_mask], 1), p, response_mask, texts)
+        return Generation(torch.cat([ids, resp], 1), torch.cat([am, response_mask], 1), p, response_mask, texts,
+                          logprobs)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,7 +359,7 @@ def _chunk(v: int) -> int:
 
 
 class _FusedHeadLogProb(torch.autograd.Function):
-    """log softmax(h W^T + b)[target] per token and the entropy, chunk by chunk over tokens.
+    """log softmax((h W^T + b) / temperature)[target] per token and the entropy, chunk by chunk over tokens.
 
     Neither the logits nor a log-softmax of the whole mini-batch exists at any time: the forward keeps
     the hidden states (already needed) and a logsumexp per token; the backward recomputes each chunk's
@@ -330,21 +369,24 @@ class _FusedHeadLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, want_entropy: bool):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, want_entropy: bool,
+                temperature: float):  # fmt: skip
         n, v = hidden.shape[0], weight.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        inv_t = 1.0 / temperature
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         ent = torch.empty(n if want_entropy else 0, dtype=acc, device=hidden.device)
         step = _chunk(v)
         for s in range(0, n, step):
-            z = torch.nn.functional.linear(hidden[s : s + step], weight, bias).to(acc)  # (c, V)
+            z = torch.nn.functional.linear(hidden[s : s + step], weight, bias).to(acc) * inv_t  # (c, V)
             lse[s : s + step] = torch.logsumexp(z, dim=-1)
             logp[s : s + step] = z.gather(-1, targets[s : s + step, None]).squeeze(-1) - lse[s : s + step]
             if want_entropy:
                 prob = torch.exp(z - lse[s : s + step, None])
                 ent[s : s + step] = lse[s : s + step] - (prob * z).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.inv_t = inv_t
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
@@ -352,7 +394,7 @@ class _FusedHeadLogProb(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor, _g_ent: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         n, v = hidden.shape[0], weight.shape[0]
-        acc = lse.dtype
+        acc, inv_t = lse.dtype, ctx.inv_t
         g_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         g_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         g_bias = torch.zeros(v, dtype=acc, device=weight.device) if bias is not None else None
@@ -360,16 +402,18 @@ class _FusedHeadLogProb(torch.autograd.Function):
         step = _chunk(v)
         for s in range(0, n, step):
             h = hidden[s : s + step]
-            z = torch.nn.functional.linear(h, weight, bias).to(acc)
+            z = torch.nn.functional.linear(h, weight, bias).to(acc) * inv_t
             g = g_logp[s : s + step, None].to(acc)  # (c, 1)
             d = -torch.exp(z - lse[s : s + step, None]) * g  # d logp / d z = onehot - softmax
             d.scatter_add_(-1, targets[s : s + step, None], g)
+            d *= inv_t  # z = raw logits / temperature
             if g_hidden is not None:
                 g_hidden[s : s + step] = (d @ w).to(hidden.dtype)
             g_weight.addmm_(d.t(), h.to(acc))
             if g_bias is not None:
                 g_bias += d.sum(0)
-        return (g_hidden, g_weight.to(weight.dtype), None if g_bias is None else g_bias.to(bias.dtype), None, None)
+        return (g_hidden, g_weight.to(weight.dtype), None if g_bias is None else g_bias.to(bias.dtype), None, None,
+                None)  # fmt: skip
 
 
 _SCALED_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -402,10 +446,12 @@ def response_log_probs(
     response_len: int,
     *,
     entropy: bool = True,
+    temperature: float = 1.0,
     **forward_kwargs,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Log-prob of each of the last ``response_len`` tokens ``(B, T)`` (float32), their entropy ``(B, T)``
-    (no graph) and the model's MoE aux loss if it returned one.
+    (no graph) and the model's MoE aux loss if it returned one, under softmax(logits / temperature): the
+    distribution the sampler draws from at that temperature (as TRL and verl score rollouts).
 
     The output layer runs only at the T positions that score the response, chunk by chunk inside
     :class:`_FusedHeadLogProb`: no tensor of size ``(B, T, V)``, let alone ``(B, S, V)``, is ever held,
@@ -418,7 +464,7 @@ def response_log_probs(
     head = _plain_head(model)
     if head is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=t + 1, **forward_kwargs)
-        lsm = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # (B, T, V)
+        lsm = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)  # (B, T, V)
         logp = lsm.gather(-1, targets[..., None]).squeeze(-1)
         ent = -(lsm.detach().exp() * lsm.detach()).sum(-1) if entropy else None
         return logp, ent, getattr(out, "aux_loss", None)
@@ -430,5 +476,5 @@ def response_log_probs(
         model.lm_head = head
     hidden = capture.hidden[:, :-1]  # (B, T, H): position P-1+i scores response token i
     logp, ent = _FusedHeadLogProb.apply(hidden.reshape(b * t, -1), head.weight, head.bias, targets.reshape(-1),
-                                        entropy)  # fmt: skip
+                                        entropy, float(temperature))  # fmt: skip
     return logp.float().view(b, t), ent.float().view(b, t) if entropy else None, getattr(out, "aux_loss", None)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rspo.correction import Mode as CorrectionMode
+from rspo.correction import RolloutCorrection
 from rspo.objectives import (
     LossAgg,
     RouterShiftForm,
     RouterShiftPlacement,
+    WeightsReduce,
     check_hparams,
     get_objective,
     list_objectives,
@@ -39,6 +42,7 @@ def objective_hparams(
     clip_high: float | None,
     loss_agg: str | None,
     norm_length: float,
+    dual_clip: float | None = None,
     router_shift: bool,
     placement: str,
     stop_gradient: bool,
@@ -49,7 +53,9 @@ def objective_hparams(
     """Keyword hyperparameters for rspo.objectives.compute_policy_loss from config values (None = the
     objective's default); ``norm_length`` is used only with loss_agg='seq-mean-token-sum-norm'."""
     hp: dict = {
-        k: v for k, v in (("clip_low", clip_low), ("clip_high", clip_high), ("loss_agg", loss_agg)) if v is not None
+        k: v
+        for k, v in (("clip_low", clip_low), ("clip_high", clip_high), ("loss_agg", loss_agg), ("dual_clip", dual_clip))
+        if v is not None
     }
     if loss_agg == "seq-mean-token-sum-norm":
         hp["norm_length"] = float(norm_length)
@@ -77,6 +83,9 @@ class ObjectiveConfig:
     """Token aggregation for grpo / gspo_token; None = default (seq-mean-token-mean). Error for others."""
     norm_length: float | None = None
     """Dr. GRPO's constant normaliser (with loss_agg=seq-mean-token-sum-norm); None = the response length limit."""
+    dual_clip: float | None = None
+    """Dual-clip PPO bound c > 1 + clip_high for negative advantages (verl clip_ratio_c, TRL delta); grpo, gspo
+    and gspo_token only; None = off."""
 
     def __post_init__(self) -> None:
         if self.name not in list_objectives():
@@ -152,6 +161,37 @@ class RolloutConfig:
             raise ValueError("rollout.prompts_per_step >= 1, group_size >= 2 and max_new_tokens >= 1 required")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ValueError("rollout.temperature must be > 0 and top_p in (0, 1]")
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    level: Literal["none", "token", "sequence", "geometric"] = "none"
+    """Rollout-correction weights from the sampler's log-probs (rspo.correction): none | token | sequence |
+    geometric (length-normalised sequence ratio). Mismatch metrics (rollout/...) are logged either way."""
+    mode: CorrectionMode = "truncate"
+    """truncate (TIS: clamp the ratio into [low, high]) or mask (IcePop / MIS: weight 0 outside it)."""
+    low: float | None = None
+    """Lower bound of the ratio pi_old / pi_rollout; None = open."""
+    high: float | None = 2.0
+    """Upper bound; None = open."""
+    reduce: WeightsReduce | None = None
+    """level=token with a sequence objective (gspo, gmpo, rspo): reduce a sequence's token weights
+    geometrically (default) or arithmetically; an error elsewhere."""
+
+    def __post_init__(self) -> None:
+        if self.level == "none":
+            defaults = {"mode": "truncate", "low": None, "high": 2.0, "reduce": None}
+            changed = [k for k, d in defaults.items() if getattr(self, k) != d]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} set but level is none (no correction); set a level")
+            return
+        self.build()  # RolloutCorrection's own checks (bounds, order)
+
+    def build(self) -> RolloutCorrection | None:
+        """The correction, or None for level none."""
+        if self.level == "none":
+            return None
+        return RolloutCorrection(level=self.level, mode=self.mode, low=self.low, high=self.high)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -260,6 +300,7 @@ class TrainConfig:
     router_shift: RouterShiftConfig = field(default_factory=RouterShiftConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -290,6 +331,11 @@ class TrainConfig:
             check_hparams(self.objective.name, router_shift=bool(self.router_shift.enabled), **self.objective_hparams())
         except ValueError as e:
             raise ValueError(f"objective: {e}") from None
+        rc = self.rollout_correction
+        sequence_objective = get_objective(self.objective.name).level == "sequence"
+        if rc.reduce is not None and not (rc.level == "token" and sequence_objective):
+            raise ValueError(f"rollout_correction.reduce applies to level=token with a sequence objective (gspo, gmpo, "
+                             f"rspo), not to level={rc.level} with {self.objective.name}")  # fmt: skip
 
     @property
     def max_new_tokens(self) -> int:
@@ -310,7 +356,7 @@ class TrainConfig:
         """The keyword hyperparameters passed to rspo.objectives.compute_policy_loss."""
         o, rs = self.objective, self.router_shift
         return objective_hparams(
-            o.name, clip_low=o.clip_low, clip_high=o.clip_high, loss_agg=o.loss_agg,
+            o.name, clip_low=o.clip_low, clip_high=o.clip_high, loss_agg=o.loss_agg, dual_clip=o.dual_clip,
             norm_length=o.norm_length or self.max_new_tokens, router_shift=rs.enabled,
             placement=rs.placement, stop_gradient=rs.stop_gradient, form=rs.form,
             clip_threshold=rs.clip_threshold, clip_drop=rs.clip_drop,

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rspo.config import load_config
+from rspo.correction import RolloutCorrection
 from rspo.errors import CheckpointError, ConfigError, NonFiniteError
 from rspo.evaluate import evaluate
 from rspo.objectives import compute_policy_loss, masked_mean
@@ -67,7 +68,10 @@ class RolloutBatch:
     zero_spread: float = 0.0  # share of groups whose rewards are all equal
     loss_mask: Tensor | None = None  # (B, T) response mask without dropped groups
     order: Tensor | None = None  # (B,) row order of the first epoch's mini-batches (the old pass's)
+    rollout_log_probs: Tensor | None = None  # (B, T) the sampler's, at the rollout temperature (if it reports them)
     old_log_probs: Tensor | None = None  # (B, T)
+    rollout_weights: Tensor | None = None  # (B, T) or (B,) rollout correction (rollout_correction.level)
+    rollout_stats: dict[str, float] = field(default_factory=dict)  # rollout/... mismatch metrics
     ref_log_probs: Tensor | None = None  # (B, T) under the initial policy (kl_coef > 0)
     old: OldTrace | None = None  # old router record (B, T, L, K); every position for replay
 
@@ -114,6 +118,7 @@ class Trainer:
         self.last_val = float("nan")
         self._reward_messages: set[str] = set()
         self.hparams = cfg.objective_hparams()
+        self.correction = cfg.rollout_correction.build()
         if resume:
             self.run = RunDir.existing(self.out, "train")
         else:  # everything that can be wrong with the input is found before the directory is touched
@@ -219,7 +224,7 @@ class Trainer:
                                   temperature=r.temperature, top_p=r.top_p, stop_strings=self.task.stop_strings,
                                   seed=_seed(self.cfg.seed, self.step, "sample"))  # fmt: skip
         return RolloutBatch(examples, gen.sequences, gen.attention_mask, gen.prompt_len,
-                            gen.response_mask.float(), gen.texts)  # fmt: skip
+                            gen.response_mask.float(), gen.texts, rollout_log_probs=gen.logprobs)  # fmt: skip
 
     # ------------------------------------------------------------------ 2-3. rewards, advantages
     def _scorer(self) -> Scorer:
@@ -247,7 +252,8 @@ class Trainer:
     # ------------------------------------------------------------------ 4. old pass
     @torch.no_grad()
     def old_pass(self, b: RolloutBatch) -> None:
-        """Old log-probs and router trace, in the mini-batch grouping of the first update epoch.
+        """Old log-probs and router trace, in the mini-batch grouping of the first update epoch; then the
+        rollout mismatch (sampler vs old pass) and, with rollout_correction, its weights.
 
         Same rows, same order, same model: the first mini-batch's ratios and gamma are exactly 1.
         """
@@ -256,7 +262,7 @@ class Trainer:
         for mb in b.order.split(self.cfg.mini_batch_size):
             with self.routing.capture(b.resp, chunks="sequence") as rec:
                 logp, _, _ = response_log_probs(self.model, b.sequences[mb], b.attention_mask[mb], b.response_len,
-                                                entropy=False)  # fmt: skip
+                                                entropy=False, temperature=self.cfg.rollout.temperature)  # fmt: skip
             logps.append(logp)
             if rec is not None:
                 traces.append(rec.trace)
@@ -267,9 +273,17 @@ class Trainer:
             full = RouterTrace(torch.cat([t.topk_idx for t in traces])[inv], torch.cat([t.logp for t in traces])[inv],
                                weights)  # fmt: skip
             b.old = self.routing.old_trace(full, b.resp)
+        if b.rollout_log_probs is not None:  # the same model here: ratios 1 up to numerics (a separate engine: not)
+            corr = self.correction or RolloutCorrection(level="token", mode="truncate", high=None, low=0.0)
+            w, b.rollout_stats = corr.weights(b.old_log_probs, b.rollout_log_probs, b.loss_mask)
+            if self.correction is not None:
+                b.rollout_weights = w
+            else:  # diagnostics only: the weights' own statistics say nothing without a correction
+                b.rollout_stats = {k: v for k, v in b.rollout_stats.items() if "weight" not in k and "_frac" not in k}
         if self.ref_model is not None:
-            b.ref_log_probs = response_log_probs(self.ref_model, b.sequences, b.attention_mask, b.response_len,
-                                                 entropy=False)[0]  # fmt: skip
+            ref = response_log_probs(self.ref_model, b.sequences, b.attention_mask, b.response_len, entropy=False,
+                                     temperature=self.cfg.rollout.temperature)  # fmt: skip
+            b.ref_log_probs = ref[0]
 
     # ------------------------------------------------------------------ 5. update
     def update(self, b: RolloutBatch) -> dict[str, float]:
@@ -332,12 +346,14 @@ class Trainer:
         old = b.old[mb] if b.old is not None else None
         with self.routing.forward(old, b.resp) as cur:
             logp, entropy, aux = response_log_probs(self.model, b.sequences[mb], b.attention_mask[mb], b.response_len,
+                                                    temperature=cfg.rollout.temperature,
                                                     output_router_logits=cfg.routing.aux_loss_coef > 0)  # fmt: skip
         gamma = self.routing.gamma(old, cur.trace) if cur is not None else None  # (m, T)
         mask = b.loss_mask[mb]
         loss, m = compute_policy_loss(cfg.objective.name, logp, b.old_log_probs[mb], b.advantages[mb], mask,
                                       router_shift=gamma if cfg.router_shift.enabled else None,
-                                      **self.hparams)  # fmt: skip
+                                      rollout_weights=None if b.rollout_weights is None else b.rollout_weights[mb],
+                                      rollout_weights_reduce=cfg.rollout_correction.reduce, **self.hparams)  # fmt: skip
         if b.ref_log_probs is not None:
             d = b.ref_log_probs[mb] - logp
             kl = masked_mean(torch.exp(d) - d - 1, mask)
@@ -361,6 +377,7 @@ class Trainer:
             "reward/timeouts": float(sum(r == REWARD_TIMEOUT for r in b.reasons)),
             "reward/zero_spread_groups": b.zero_spread,
             "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+            **b.rollout_stats,
         }  # fmt: skip
 
     def _validate(self) -> dict[str, float]:

@@ -31,7 +31,7 @@ import torch
 from rspo.config import build, load_config
 from rspo.objectives import compute_policy_loss
 from rspo.policy import response_log_probs
-from rspo.train_config import TrainConfig, objective_hparams
+from rspo.train_config import TrainConfig
 
 
 @dataclass
@@ -140,15 +140,13 @@ def _loss(tr, b, rows: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, di
     old = b.old[rows] if b.old is not None else None
     with tr.routing.forward(old, b.resp) as cur:
         logp, _, _ = response_log_probs(tr.model, b.sequences[rows], b.attention_mask[rows], b.response_len,
-                                        entropy=False)  # fmt: skip
+                                        entropy=False, temperature=cfg.rollout.temperature)  # fmt: skip
     gamma = tr.routing.gamma(old, cur.trace) if cur is not None else None
-    o, rs = cfg.objective, cfg.router_shift
-    hp = objective_hparams(o.name, clip_low=o.clip_low, clip_high=o.clip_high, loss_agg=o.loss_agg,
-                           norm_length=o.norm_length or cfg.max_new_tokens, router_shift=bool(rs.enabled),
-                           placement=rs.placement, stop_gradient=rs.stop_gradient, form=rs.form,
-                           clip_threshold=rs.clip_threshold, clip_drop=rs.clip_drop)  # fmt: skip
-    return compute_policy_loss(o.name, logp, b.old_log_probs[rows], b.advantages[rows], b.loss_mask[rows],
-                               router_shift=gamma if rs.enabled else None, **hp)  # fmt: skip
+    weights = None if b.rollout_weights is None else b.rollout_weights[rows]
+    return compute_policy_loss(cfg.objective.name, logp, b.old_log_probs[rows], b.advantages[rows], b.loss_mask[rows],
+                               router_shift=gamma if cfg.router_shift.enabled else None, rollout_weights=weights,
+                               rollout_weights_reduce=cfg.rollout_correction.reduce,
+                               **cfg.objective_hparams())  # fmt: skip
 
 
 def write_gradvar(cfg: GradVarConfig, result: dict[str, Any]) -> Path:
