@@ -273,3 +273,37 @@ def test_tokenizer_round_trip_and_autotokenizer(tmp_path):
     assert (loaded.pad_token_id, loaded.eos_token_id) == (0, 1)
     assert loaded.padding_side == "left"
     assert loaded.decode(loaded("3 5 ab", add_special_tokens=False)["input_ids"], skip_special_tokens=True) == "3 5 "
+
+
+def test_reference_shortcut_share_and_determinism():
+    """With reference_shortcut=p, about p of the pretraining references are the summed numbers in the order
+    given (well-formed, scored as wrong unless the sum hits the target); the rest are solver solutions;
+    the same seed gives the same stream, and p=0 gives the plain stream."""
+    from rspo.errors import ConfigError
+    from rspo.tasks import make_task
+
+    plain = make_task("countdown")
+    habit = make_task("countdown", {"reference_shortcut": 0.5})
+    a = list(itertools.islice(habit.references(seed=7), 400))
+    assert a == list(itertools.islice(habit.references(seed=7), 400))
+    base = list(itertools.islice(plain.references(seed=7), 400))
+    assert [p for p, _ in a] == [p for p, _ in base]  # same prompts, only some answers replaced
+    shortcut = 0
+    for (prompt, ref), (_, solved) in zip(a, base, strict=True):
+        nums, target = prompt.split("->")
+        nums = nums.split()
+        if ref != solved:
+            shortcut += 1
+            assert ref == "<answer>" + "+".join(nums) + "</answer>"
+            verdict = plain.reward.verdict(ref, _problem(prompt))
+            assert (sum(map(int, nums)) == int(target)) == (verdict.reason == "correct")
+    assert 160 <= shortcut <= 240  # binomial(400, 0.5): 200 +- 40 is beyond 4 standard deviations
+    with pytest.raises(ConfigError, match="reference_shortcut must be in"):
+        make_task("countdown", {"reference_shortcut": 1.5})
+
+
+def _problem(prompt: str):
+    from rspo.tasks.countdown import Problem
+
+    nums, target = prompt.split("->")
+    return Problem(tuple(int(x) for x in nums.split()), int(target))

@@ -443,10 +443,16 @@ class CountdownOptions:
     """A tag whose content is not an expression (TinyZero gives its format score here)."""
     max_new_tokens: int = 32
     """Response length limit: "<answer>" + an expression of 4 two-digit numbers + "</answer>" + eos fits in 24."""
+    reference_shortcut: float = 0.0
+    """Pretraining only: the share of reference responses replaced by a shortcut, the numbers summed in the
+    order given (well-formed, usually wrong). A base policy with this habit knows the solver's answers but
+    often does not prefer them: headroom that RL can take (issue 13). 0 = solver solutions only."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"task.options.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.reference_shortcut <= 1:
+            raise ValueError(f"task.options.reference_shortcut must be in [0, 1], got {self.reference_shortcut}")
 
 
 @register_task
@@ -485,9 +491,14 @@ class CountdownTask(Task):
         return format_answer(solve(example.numbers, example.target))
 
     def references(self, seed: int) -> Iterator[tuple[str, str]]:
-        """Solved train problems, several targets per draw of numbers (one solver call for all of them)."""
+        """Solved train problems, several targets per draw of numbers (one solver call for all of them); a
+        ``reference_shortcut`` share of them answered by the shortcut instead (seeded)."""
+        rng = random.Random(f"shortcut-{seed}")
         for p in self.splits.train_stream(seed=seed, targets_per_draw=4):
-            yield make_prompt(p), self.reference(p)
+            if self.options.reference_shortcut and rng.random() < self.options.reference_shortcut:
+                yield make_prompt(p), format_answer("+".join(map(str, p.numbers)))
+            else:
+                yield make_prompt(p), self.reference(p)
 
     def record(self, example: Problem) -> dict:
         return {"numbers": list(example.numbers), "target": example.target}
