@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rspo-installed
 
-.PHONY: install demo test lint study clean
+.PHONY: install demo test lint study drift test-trl-newest clean
 
 $(STAMP): pyproject.toml requirements-outside.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ study: $(STAMP)
 	  $(VENV)/bin/rspo report runs/study-$$s --out docs/study/$$s --overwrite \
 	    --command-line "rspo study configs/study-$$s.yaml" || exit 1; \
 	done
+
+# The drift atlas (issue 13): 8 models pretrained on one budget, 4 RL regimes each, and its report in
+# docs/drift/ (about 75 min on 2 cores; resumable: finished runs are skipped).
+drift: $(STAMP)
+	$(VENV)/bin/rspo drift configs/drift-atlas.yaml
+	$(VENV)/bin/rspo drift-report runs/drift --out docs/drift --overwrite \
+	  --command-line "rspo drift configs/drift-atlas.yaml"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
