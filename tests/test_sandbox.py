@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,6 +56,29 @@ def test_isolation_layers_present():
 def test_a_plain_program_runs():
     r = run_python("print(sum(map(int, input().split())))", stdin="2 3\n")
     assert (r.status, r.stdout, r.returncode) == ("ok", "5\n", 0) and r.wall_s < 5
+
+
+def test_a_virtual_environment_under_tmp_works(tmp_path):
+    """The trainer's interpreter may live under /tmp (a fresh clone's venv there: CI did this), which the
+    private /tmp hides: programs run with the real interpreter behind the venv's link."""
+    import subprocess
+    import sys
+    import venv
+
+    venv.EnvBuilder(symlinks=True, with_pip=False, system_site_packages=True).create(tmp_path / "venv")
+    py = tmp_path / "venv" / "bin" / "python"
+    code = "from rspo.sandbox import run_python; r = run_python('print(2 + 3)'); print(r.status, r.stdout.strip())"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["ok", "5"], out.stdout + out.stderr
+
+
+def test_private_dirs_keep_an_interpreter_installed_under_them(monkeypatch):
+    from rspo import sandbox
+
+    assert "/tmp" in sandbox._private_dirs() or os.path.realpath(sys.base_prefix).startswith("/tmp/")
+    monkeypatch.setattr(sandbox, "_interpreter", lambda: "/tmp/x/venv/bin/python3")  # a venv made with --copies
+    assert "/tmp" not in sandbox._private_dirs() and "/dev/shm" in sandbox._private_dirs()
 
 
 def _pwned(tag: str) -> list[Path]:

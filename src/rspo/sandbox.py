@@ -99,12 +99,13 @@ if spec["cgroup"]:  # join the run's pids cgroup first: everything this process 
 work = spec["work"]
 if spec["mount"]:
     MS_NOSUID, MS_NODEV = 2, 4
-    for d in ("/tmp", "/dev/shm", "/var/tmp"):
+    for d in spec["private"]:
         if os.path.isdir(d) and libc.mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
                                            ("size=%dk,mode=1777" % (spec["file_kb"] * 4)).encode()) != 0:
             die("mount %s: %s" % (d, os.strerror(ctypes.get_errno())))
-    work = "/tmp/work"
-    os.mkdir(work, 0o700)
+    if "/tmp" in spec["private"]:
+        work = "/tmp/work"
+        os.mkdir(work, 0o700)
 with open(os.path.join(work, "main.py"), "w") as f:
     f.write(code)
 os.chdir(work)
@@ -199,7 +200,8 @@ def isolation() -> list[str]:
     p = _probe()
     layers = ["rlimits", "wall-clock kill of the process group", "subreaper: no surviving process"]
     if p["namespaces"]:
-        layers.append("namespaces: pid, net (no network), mount (private /tmp), ipc, uts")
+        private = ", ".join(_private_dirs()) or "none: the interpreter lives under them"
+        layers.append(f"namespaces: pid, net (no network), mount (private {private}), ipc, uts")
     if p["landlock"]:
         extra = ", no TCP" if p["landlock"] >= 4 else ""
         extra += ", no signals outside" if p["landlock"] >= 6 else ""
@@ -280,9 +282,22 @@ def _reap_orphans() -> None:
                 os.waitpid(int(pid), 0)
 
 
+def _interpreter() -> str:
+    """The interpreter programs run with: the real file behind ``sys.executable`` (a virtual environment's
+    ``bin/python`` is a link to it), so a venv under /tmp does not vanish with the private /tmp."""
+    return os.path.realpath(sys.executable)
+
+
+def _private_dirs() -> list[str]:
+    """The directories the mount namespace replaces by a private tmpfs: /tmp, /dev/shm and /var/tmp, except
+    one that holds the interpreter's installation (it would vanish; Landlock still limits writes there)."""
+    need = [_interpreter(), os.path.realpath(sys.base_prefix)]
+    return [d for d in ("/tmp", "/dev/shm", "/var/tmp") if not any(p == d or p.startswith(d + "/") for p in need)]
+
+
 def _readable() -> list[str]:
     """What a program may read (and execute) under Landlock: the interpreter's installation and the system."""
-    dirs = {sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    dirs = {sys.base_prefix, sys.prefix, os.path.dirname(_interpreter())}
     dirs |= {"/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/dev"}
     return sorted(dirs)
 
@@ -296,7 +311,7 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> RunR
     cgroup = _new_cgroup(p["cgroup"], limits.processes) if p["cgroup"] else None
     code_r, code_w = os.pipe()
     spec = {"work": host_work, "mount": p["namespaces"], "limits": asdict(limits), "code_fd": code_r,
-            "file_kb": limits.file_mb * 1024, "python": sys.executable,
+            "file_kb": limits.file_mb * 1024, "python": _interpreter(), "private": _private_dirs(),
             "cgroup": os.path.join(cgroup, "cgroup.procs") if cgroup else None, "readable": _readable(),
             "landlock": {"abi": p["landlock"]} if p["landlock"] else None}  # fmt: skip
     cmd = [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(spec)]
