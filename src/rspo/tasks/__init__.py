@@ -4,6 +4,7 @@ from rspo.tasks import code as code  # the task modules register "countdown", "m
 from rspo.tasks import countdown as countdown
 from rspo.tasks import math as math
 from rspo.tasks.base import (
+    FileTask,
     Message,
     NoOptions,
     Prompt,
@@ -18,6 +19,7 @@ from rspo.tasks.base import (
 )
 
 __all__ = [
+    "FileTask",
     "Message",
     "NoOptions",
     "Prompt",

@@ -106,6 +106,50 @@ class Task:
         )
 
 
+class FileTask(Task):
+    """A task whose examples come from data files: ``options.train`` (a list of files) and ``options.eval``
+    (split name -> file), read by :meth:`load`. Training examples are every train file's examples, in a new
+    seeded order each epoch; evaluation splits are read on first use."""
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self._train: list[Any] = [e for path in self.options.train for e in self.load(path)]
+        self._eval: dict[str, list[Any]] = {}
+
+    def load(self, path: str) -> list[Any]:
+        """The examples of one data file (with the task's instruction and prompt format)."""
+        raise NotImplementedError
+
+    def train_examples(self, seed: int) -> Iterator[Any]:
+        import random
+
+        if not self._train:
+            raise ConfigError(f"task {self.name} has no training data: set task.options.train")
+        rng = random.Random(f"{self.name}/train/{seed}")
+        while True:  # epochs, each in its own seeded order
+            order = list(range(len(self._train)))
+            rng.shuffle(order)
+            for i in order:
+                yield self._train[i]
+
+    def train_set(self) -> list[Any]:
+        """Every training example once, in file order (for engines that take a dataset, e.g. TRL)."""
+        return list(self._train)
+
+    def eval_splits(self) -> list[str]:
+        return list(self.options.eval)
+
+    def eval_examples(self, split: str) -> list[Any]:
+        if split not in self.options.eval:
+            raise self.unknown_split(split)
+        if split not in self._eval:
+            self._eval[split] = self.load(self.options.eval[split])
+        return self._eval[split]
+
+    def prompt(self, example: Any) -> Prompt:
+        return example.prompt
+
+
 _TASKS: dict[str, type[Task]] = {}
 
 

@@ -28,14 +28,13 @@ import re
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rspo.errors import ConfigError
 from rspo.sandbox import Limits, RunResult, run_python
-from rspo.tasks.base import Prompt, Task, Verdict, register_task
+from rspo.tasks.base import FileTask, Prompt, Verdict, register_task
 from rspo.tasks.math import _rows, resolve_path
 
 DEFAULT_INSTRUCTION = (
@@ -274,7 +273,7 @@ class CodeOptions:
 
 
 @register_task
-class CodeTask(Task):
+class CodeTask(FileTask):
     """Code RLVR: programs from responses, run on tests in a sandbox (see the module docstring)."""
 
     name = "code"
@@ -284,8 +283,6 @@ class CodeTask(Task):
     def __init__(self, options: CodeOptions | None = None) -> None:
         super().__init__(options)
         o = self.options
-        self._train = [e for p in o.train for e in load_examples(p, o.instruction, o.prompt_format)]
-        self._eval: dict[str, list[CodeExample]] = {}
         self.limits = Limits(wall_s=o.wall_s, cpu_s=o.cpu_s, memory_mb=o.memory_mb, output_kb=o.output_kb)
         self._executor = None
 
@@ -301,34 +298,8 @@ class CodeTask(Task):
             )
         return self._executor
 
-    def train_examples(self, seed: int) -> Iterator[CodeExample]:
-        import random
-
-        if not self._train:
-            raise ConfigError("task code has no training data: set task.options.train")
-        rng = random.Random(f"code/train/{seed}")
-        while True:
-            order = list(range(len(self._train)))
-            rng.shuffle(order)
-            for i in order:
-                yield self._train[i]
-
-    def train_set(self) -> list[CodeExample]:
-        return list(self._train)
-
-    def eval_splits(self) -> list[str]:
-        return list(self.options.eval)
-
-    def eval_examples(self, split: str) -> list[CodeExample]:
-        if split not in self.options.eval:
-            raise self.unknown_split(split)
-        if split not in self._eval:
-            o = self.options
-            self._eval[split] = load_examples(o.eval[split], o.instruction, o.prompt_format)
-        return self._eval[split]
-
-    def prompt(self, example: CodeExample) -> Prompt:
-        return example.prompt
+    def load(self, path: str) -> list[CodeExample]:
+        return load_examples(path, self.options.instruction, self.options.prompt_format)
 
     def reference(self, example: CodeExample) -> str | None:
         return None if example.solution is None else f"```python\n{example.solution}\n```"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rspo.errors import ConfigError
-from rspo.tasks.base import Prompt, Task, Verdict, import_object, register_task
+from rspo.tasks.base import FileTask, Prompt, Task, Verdict, import_object, register_task
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -272,7 +272,7 @@ class MathOptions:
 
 
 @register_task
-class MathTask(Task):
+class MathTask(FileTask):
     """Math RLVR on local data files (see the module docstring)."""
 
     name = "math"
@@ -282,41 +282,14 @@ class MathTask(Task):
     def __init__(self, options: MathOptions | None = None) -> None:
         super().__init__(options)
         o = self.options
-        self._train: list[MathExample] = [e for p in o.train for e in load_examples(p, o.instruction, o.prompt_format)]
-        self._eval: dict[str, list[MathExample]] = {}
         self._fn: Callable | None = import_object(o.reward_fn, "task.options.reward_fn") if o.reward_fn else None
         if self._fn is not None and not callable(self._fn):
             raise ConfigError(f"task.options.reward_fn={o.reward_fn!r} is not callable")
         self.grader = MathGrader(o.grader == "math_verify" and self._fn is None, o.verify_timeout_s,
                                  o.max_answer_chars)  # fmt: skip
 
-    def train_examples(self, seed: int) -> Iterator[MathExample]:
-        if not self._train:
-            raise ConfigError("task math has no training data: set task.options.train")
-        rng = random.Random(f"math/train/{seed}")
-        while True:  # epochs, each in its own seeded order
-            order = list(range(len(self._train)))
-            rng.shuffle(order)
-            for i in order:
-                yield self._train[i]
-
-    def train_set(self) -> list[MathExample]:
-        """Every training example once, in file order (for engines that take a dataset, e.g. TRL)."""
-        return list(self._train)
-
-    def eval_splits(self) -> list[str]:
-        return list(self.options.eval)
-
-    def eval_examples(self, split: str) -> list[MathExample]:
-        if split not in self.options.eval:
-            raise self.unknown_split(split)
-        if split not in self._eval:
-            o = self.options
-            self._eval[split] = load_examples(o.eval[split], o.instruction, o.prompt_format)
-        return self._eval[split]
-
-    def prompt(self, example: MathExample) -> Prompt:
-        return example.prompt
+    def load(self, path: str) -> list[MathExample]:
+        return load_examples(path, self.options.instruction, self.options.prompt_format)
 
     def reference(self, example: MathExample) -> str | None:
         """A reference response to train on (``rspo pretrain``): the example's solution, if it has one."""
