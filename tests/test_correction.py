@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rspo.correction import RolloutCorrection, rollout_weights
+from rspo.correction import RolloutCorrection, mismatch_metrics, rollout_weights
 
 F64 = torch.float64
 
@@ -31,6 +31,13 @@ def test_token_truncate_and_mask_by_hand():
     w, m = RolloutCorrection("token", "mask", low=0.6, high=2.0).weights(old, roll, mask)
     torch.testing.assert_close(w, torch.tensor([[0.0, 0.0, 1.0], [1.5, 1.0, 1.0]], dtype=F64), rtol=0, atol=1e-12)
     assert m["rollout/masked_frac"] == pytest.approx(2 / 3, abs=1e-12)
+    # without a correction: the token ratios and the token metrics alone, the same hand values
+    diag = mismatch_metrics(old, roll, mask)
+    assert set(diag) == {"rollout/ratio_min", "rollout/ratio_mean", "rollout/ratio_max", "rollout/logp_diff_mean",
+                         "rollout/logp_diff_max", "rollout/kl_k3", "rollout/nan_tokens"}  # fmt: skip
+    assert (diag["rollout/ratio_min"], diag["rollout/ratio_max"]) == pytest.approx((0.5, 3.0), abs=1e-12)
+    assert diag["rollout/ratio_mean"] == pytest.approx(5 / 3, abs=1e-12)
+    assert diag["rollout/kl_k3"] == pytest.approx(k3, abs=1e-12)
     # sequence level: the product 3 * 0.5 = 1.5 and 1.5; geometric: sqrt(1.5) and 1.5
     w, _ = RolloutCorrection("sequence", "truncate", high=1.4).weights(old, roll, mask)
     torch.testing.assert_close(w, torch.tensor([1.4, 1.4], dtype=F64), rtol=0, atol=1e-12)

@@ -290,13 +290,12 @@ def test_reference_shortcut_share_and_determinism():
     assert [p for p, _ in a] == [p for p, _ in base]  # same prompts, only some answers replaced
     shortcut = 0
     for (prompt, ref), (_, solved) in zip(a, base, strict=True):
-        nums, target = prompt.split("->")
-        nums = nums.split()
+        p = _problem(prompt)
         if ref != solved:
             shortcut += 1
-            assert ref == "<answer>" + "+".join(nums) + "</answer>"
-            verdict = plain.reward.verdict(ref, _problem(prompt))
-            assert (sum(map(int, nums)) == int(target)) == (verdict.reason == "correct")
+            assert ref == "<answer>" + "+".join(map(str, p.numbers)) + "</answer>"
+            verdict = plain.reward.verdict(ref, p)
+            assert (sum(p.numbers) == p.target) == (verdict.reason == "correct")
     assert 160 <= shortcut <= 240  # binomial(400, 0.5): 200 +- 40 is beyond 4 standard deviations
     with pytest.raises(ConfigError, match="reference_shortcut must be in"):
         make_task("countdown", {"reference_shortcut": 1.5})

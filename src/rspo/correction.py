@@ -90,23 +90,9 @@ class RolloutCorrection:
         return rollout_weights(old_log_probs, rollout_log_probs, mask, self)
 
 
-def rollout_weights(
-    old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, corr: RolloutCorrection
-) -> tuple[Tensor, dict[str, float]]:
-    """Rollout-correction weights and their metrics.
-
-    Args:
-        old_log_probs: ``(B, T)`` the trainer's log-probs of the sampled tokens (its old pass).
-        rollout_log_probs: ``(B, T)`` the sampler's log-probs of the same tokens, at the same temperature.
-        mask: ``(B, T)`` response tokens (nonzero).
-
-    Metrics, over response tokens (token level) or sequences with tokens (sequence levels):
-    ``rollout/ratio_{min,mean,max}`` (r before truncation or masking), ``rollout/weight_mean``,
-    ``rollout/truncated_frac`` or ``rollout/masked_frac`` (share of tokens or sequences a bound changed),
-    over tokens ``rollout/logp_diff_{mean,max}`` (|old - rollout|), ``rollout/kl_k3`` (k3 estimate of
-    KL(pi_rollout || pi_old) from the rollout's own samples: mean of r - 1 - log r), and
-    ``rollout/nan_tokens`` (response tokens whose rollout log-prob was NaN: r = 1 there).
-    """
+def _log_ratios(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked inputs -> ``(d, keep, nan)``: ``d = old - rollout`` per token ``(B, T)`` (0 at padding and at
+    tokens whose rollout log-prob is NaN), the response mask, and those NaN tokens."""
     for name, t in (("old_log_probs", old_log_probs), ("rollout_log_probs", rollout_log_probs), ("mask", mask)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor (B, T), got {getattr(t, 'shape', type(t).__name__)}")
@@ -126,7 +112,52 @@ def rollout_weights(
         worst = roll[keep & ~nan].max().item()
         raise ValueError(f"rollout_log_probs must be log-probabilities (<= 0) on response tokens; max is {worst:.4g}")
     zero = torch.zeros((), dtype=old.dtype, device=old.device)
-    d = torch.where(keep & ~nan, old - roll, zero)  # (B, T): log r_t, 0 at padding and unscored tokens
+    return torch.where(keep & ~nan, old - roll, zero), keep, nan
+
+
+def _ratio_metrics(r: Tensor) -> dict[str, float]:
+    n, nan_f = r.numel(), float("nan")
+    return {"rollout/ratio_min": float(r.min()) if n else nan_f, "rollout/ratio_mean": float(r.mean()) if n else nan_f,
+            "rollout/ratio_max": float(r.max()) if n else nan_f}  # fmt: skip
+
+
+def _token_metrics(d: Tensor, keep: Tensor, nan: Tensor) -> dict[str, float]:
+    dt = d[keep & ~nan]
+    return {
+        "rollout/logp_diff_mean": float(dt.abs().mean()) if dt.numel() else 0.0,
+        "rollout/logp_diff_max": float(dt.abs().max()) if dt.numel() else 0.0,
+        "rollout/kl_k3": float((torch.expm1(dt) - dt).mean()) if dt.numel() else 0.0,
+        "rollout/nan_tokens": float(nan.sum()),
+    }
+
+
+@torch.no_grad()
+def mismatch_metrics(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor) -> dict[str, float]:
+    """The mismatch between sampler and trainer without any correction: the token ratio's
+    ``rollout/ratio_{min,mean,max}`` and the token metrics of :func:`rollout_weights`."""
+    d, keep, nan = _log_ratios(old_log_probs, rollout_log_probs, mask)
+    return {**_ratio_metrics(torch.exp(d[keep])), **_token_metrics(d, keep, nan)}
+
+
+def rollout_weights(
+    old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, corr: RolloutCorrection
+) -> tuple[Tensor, dict[str, float]]:
+    """Rollout-correction weights and their metrics.
+
+    Args:
+        old_log_probs: ``(B, T)`` the trainer's log-probs of the sampled tokens (its old pass).
+        rollout_log_probs: ``(B, T)`` the sampler's log-probs of the same tokens, at the same temperature.
+        mask: ``(B, T)`` response tokens (nonzero).
+
+    Metrics, over response tokens (token level) or sequences with tokens (sequence levels):
+    ``rollout/ratio_{min,mean,max}`` (r before truncation or masking), ``rollout/weight_mean``,
+    ``rollout/truncated_frac`` or ``rollout/masked_frac`` (share of tokens or sequences a bound changed),
+    over tokens ``rollout/logp_diff_{mean,max}`` (|old - rollout|), ``rollout/kl_k3`` (k3 estimate of
+    KL(pi_rollout || pi_old) from the rollout's own samples: mean of r - 1 - log r), and
+    ``rollout/nan_tokens`` (response tokens whose rollout log-prob was NaN: r = 1 there).
+    """
+    d, keep, nan = _log_ratios(old_log_probs, rollout_log_probs, mask)
+    zero = torch.zeros((), dtype=d.dtype, device=d.device)
     n_tok = keep.sum(-1)  # (B,)
     if corr.level == "token":
         log_r, unit = d, keep
@@ -142,22 +173,15 @@ def rollout_weights(
     w = torch.where(unit, w, torch.ones((), dtype=w.dtype, device=w.device))
 
     with torch.no_grad():
-        ru, wu, n = r[unit], w[unit], int(unit.sum())
-        dt = d[keep & ~nan]
-        nan_f = float("nan")
+        n = int(unit.sum())
         metrics = {
-            "rollout/ratio_min": float(ru.min()) if n else nan_f,
-            "rollout/ratio_mean": float(ru.mean()) if n else nan_f,
-            "rollout/ratio_max": float(ru.max()) if n else nan_f,
-            "rollout/weight_mean": float(wu.mean()) if n else nan_f,
+            **_ratio_metrics(r[unit]),
+            "rollout/weight_mean": float(w[unit].mean()) if n else float("nan"),
             f"rollout/{'truncated' if corr.mode == 'truncate' else 'masked'}_frac":
                 float(outside[unit].double().mean()) if n else 0.0,
-            "rollout/logp_diff_mean": float(dt.abs().mean()) if dt.numel() else 0.0,
-            "rollout/logp_diff_max": float(dt.abs().max()) if dt.numel() else 0.0,
-            "rollout/kl_k3": float((torch.expm1(dt) - dt).mean()) if dt.numel() else 0.0,
-            "rollout/nan_tokens": float(nan.sum()),
+            **_token_metrics(d, keep, nan),
         }  # fmt: skip
     return w, metrics
 
 
-__all__ = ["TRL_MODES", "Level", "Mode", "RolloutCorrection", "rollout_weights"]
+__all__ = ["TRL_MODES", "Level", "Mode", "RolloutCorrection", "mismatch_metrics", "rollout_weights"]

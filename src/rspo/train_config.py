@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from rspo.correction import Mode as CorrectionMode
@@ -180,8 +180,7 @@ class RolloutCorrectionConfig:
 
     def __post_init__(self) -> None:
         if self.level == "none":
-            defaults = {"mode": "truncate", "low": None, "high": 2.0, "reduce": None}
-            changed = [k for k, d in defaults.items() if getattr(self, k) != d]
+            changed = [f.name for f in fields(self) if f.name != "level" and getattr(self, f.name) != f.default]
             if changed:
                 raise ValueError(f"{', '.join(changed)} set but level is none (no correction); set a level")
             return

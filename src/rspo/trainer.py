@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rspo.config import load_config
-from rspo.correction import RolloutCorrection
+from rspo.correction import mismatch_metrics
 from rspo.errors import CheckpointError, ConfigError, NonFiniteError
 from rspo.evaluate import evaluate
 from rspo.objectives import compute_policy_loss, masked_mean
@@ -274,12 +274,11 @@ class Trainer:
                                weights)  # fmt: skip
             b.old = self.routing.old_trace(full, b.resp)
         if b.rollout_log_probs is not None:  # the same model here: ratios 1 up to numerics (a separate engine: not)
-            corr = self.correction or RolloutCorrection(level="token", mode="truncate", high=None, low=0.0)
-            w, b.rollout_stats = corr.weights(b.old_log_probs, b.rollout_log_probs, b.loss_mask)
-            if self.correction is not None:
-                b.rollout_weights = w
-            else:  # diagnostics only: the weights' own statistics say nothing without a correction
-                b.rollout_stats = {k: v for k, v in b.rollout_stats.items() if "weight" not in k and "_frac" not in k}
+            if self.correction is None:  # diagnostics only
+                b.rollout_stats = mismatch_metrics(b.old_log_probs, b.rollout_log_probs, b.loss_mask)
+            else:
+                b.rollout_weights, b.rollout_stats = self.correction.weights(b.old_log_probs, b.rollout_log_probs,
+                                                                             b.loss_mask)  # fmt: skip
         if self.ref_model is not None:
             ref = response_log_probs(self.ref_model, b.sequences, b.attention_mask, b.response_len, entropy=False,
                                      temperature=self.cfg.rollout.temperature)  # fmt: skip

@@ -421,10 +421,7 @@ class RSPOTrainer(GRPOTrainer):
         )  # fmt: skip
         # our sequence means run over sequences with tokens, TRL's over all rows; dapo: TRL's global normaliser
         if self.loss_type == "dapo":
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / args.steps_per_generation
-            scale = mask.sum() / normalizer
+            scale = mask.sum() / self._dapo_normalizer(inputs, mode)
         elif self.loss_type in ("grpo", "dr_grpo"):
             scale = (mask.sum(-1) > 0).sum() / mask.shape[0] / accum
         else:  # bnpo
@@ -472,7 +469,12 @@ class RSPOTrainer(GRPOTrainer):
             return (x * mask).sum() / mask.sum().clamp(min=1.0) / accum
         if self.loss_type == "dr_grpo":
             return (x * mask).sum() / (x.size(0) * self.max_completion_length) / accum
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes  # dapo
+        return (x * mask).sum() / self._dapo_normalizer(inputs, mode)
+
+    def _dapo_normalizer(self, inputs: dict, mode: str) -> torch.Tensor:
+        """TRL's dapo denominator: the generation batch's tokens (``num_items_in_batch``) per process, scaled
+        to one accumulation window in training."""
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        return (x * mask).sum() / normalizer
+        return normalizer
