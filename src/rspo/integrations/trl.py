@@ -438,11 +438,11 @@ class RSPOTrainer(GRPOTrainer):
                 kl = kl * torch.exp(log_ratio)
             loss = loss + self.beta * self._trl_aggregate(kl, mask, inputs, mode)
             metrics["kl"] = float(((kl * mask).sum() / mask.sum().clamp(min=1)).detach())
-        policy_loss = loss.detach() * (accum if self.loss_type != "dapo" else 1.0)  # TRL's: KL in, accumulation out
         if self._entropy_bonus_enabled:  # static coefficient (adaptive control is rejected by RSPOConfig)
+            # TRL logs its policy loss here: KL included, accumulation scaling not
+            metrics["policy_loss"] = float(loss.detach() * (accum if self.loss_type != "dapo" else 1.0))
             eff = mask if entropy_mask is None else mask * entropy_mask
             loss = loss - self.entropy_coef * (entropies * eff).sum() / eff.sum().clamp(min=1.0) / accum
-            metrics["policy_loss"] = float(policy_loss)
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         if self.aux_loss_enabled:
