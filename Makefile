@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rspo-installed
 
-.PHONY: install demo test lint study drift test-trl-newest clean
+.PHONY: install demo test lint study study-e8k1 drift test-trl-newest test-verl clean
 
 $(STAMP): pyproject.toml requirements-outside.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,25 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rspo demo --overwrite
 
-# The stability study (issue 6), all four grids and their reports in docs/study/ (about 2.5 h on
-# 2 cores; resumable: finished runs are skipped). The ablations' report reads the main arms' runs.
-STUDIES := countdown countdown-mild countdown-collapse ablations
+# The stability study on the main testbed (issue 13: builtin:countdown-e64k8, the demo's regime): the four main
+# arms x 5 seeds, ten ablations x 3 seeds, the direct gradient-variance measurement; reports into
+# docs/study/e64k8*/ (about 75 min on 2 cores; resumable: finished runs are skipped).
 study: $(STAMP)
+	$(VENV)/bin/rspo study configs/study-e64k8.yaml
+	$(VENV)/bin/rspo report runs/study-e64k8 --out docs/study/e64k8 --overwrite \
+	  --command-line "rspo study configs/study-e64k8.yaml"
+	$(VENV)/bin/rspo study configs/study-e64k8-ablations.yaml
+	$(VENV)/bin/rspo report runs/study-e64k8-ablations --out docs/study/e64k8-ablations --overwrite \
+	  --command-line "rspo study configs/study-e64k8-ablations.yaml"
+	$(VENV)/bin/rspo gradvar configs/gradvar-e64k8.yaml
+	mkdir -p docs/study/e64k8-gradvar && cp runs/gradvar-e64k8/report.md runs/gradvar-e64k8/results.json \
+	  docs/study/e64k8-gradvar/
+
+# The first stability study (issue 6), on the first testbed (builtin:countdown-base, 8 experts top-1): all
+# four grids and their reports in docs/study/ (about 2.5 h on 2 cores; resumable). The ablations' report
+# reads the main arms' runs.
+STUDIES := countdown countdown-mild countdown-collapse ablations
+study-e8k1: $(STAMP)
 	for s in $(STUDIES); do \
 	  $(VENV)/bin/rspo study configs/study-$$s.yaml && \
 	  $(VENV)/bin/rspo report runs/study-$$s --out docs/study/$$s --overwrite \
@@ -45,9 +60,25 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
+# The verl plugin's tests and rspo's routing tests in verl's environment: a separate venv with
+# `pip install rspo[verl]` (verl 0.9.x and its own pins: transformers < 5.11, ray, ...) next to the same
+# CPU torch, plus uvicorn/fastapi (verl-core, needed to import verl's actor worker). About 2 min to set up.
+VERL_VENV ?= .venv-verl
+VERL_STAMP := $(VERL_VENV)/.rspo-installed
+$(VERL_STAMP): pyproject.toml
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VERL_VENV)/bin/python -m pip install -q -e ".[verl]" pytest hypothesis uvicorn fastapi
+	touch $(VERL_STAMP)
+
+test-verl: $(VERL_STAMP)
+	$(VERL_VENV)/bin/python -m pytest -q -o addopts="-ra" -p no:cacheprovider tests/verl_plugin \
+	  tests/test_routing_capture.py tests/test_router_shift.py
+
 # The TRL tests against the newest TRL release on the index (the pinned one is what `make test` uses)
 test-trl-newest: $(STAMP)
 	$(PY) tests/trl_newest.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VERL_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

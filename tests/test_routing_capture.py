@@ -34,6 +34,21 @@ def batch(b: int = 3, s: int = 9, seed: int = 0):
     return torch.randint(3, VOCAB, (b, s), generator=g)
 
 
+def output_router_logits(model, routers: MoERouters, x: torch.Tensor):
+    """transformers' ``output_router_logits`` (N, E) per MoE layer. DeepSeek-V3 under transformers < 5.11
+    (verl's range) returns none: then each gate's raw logits, from its own (original) forward."""
+    out = model(x, output_router_logits=True)
+    logits = getattr(out, "router_logits", None)
+    if logits is None:
+        seen: list[torch.Tensor] = []
+        hooks = [r.register_forward_hook(lambda m, i, o: seen.append(o[0])) for r in routers.routers]
+        model(x)
+        for h in hooks:
+            h.remove()
+        logits = tuple(seen)
+    return out, logits
+
+
 def reference_selection(routers: MoERouters, logits: torch.Tensor, layer: int) -> torch.Tensor:
     """The experts each family activates, computed independently from output_router_logits (N, E)."""
     fam, r = routers.family.model_type, routers.routers[layer]
@@ -55,21 +70,41 @@ def reference_logp(routers: MoERouters, logits: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.softmax(x, dim=-1)).float()
 
 
+def test_split_router_shim_keeps_outputs():
+    """transformers < 5.11 (verl's range): DeepSeek-V3's router is adapted to (logits, weights, indices);
+    the model's output must not change. With transformers >= 5.11 there is nothing to adapt."""
+    import transformers
+    from packaging.version import Version
+
+    from rspo.routing.families import adapt_split_routers
+
+    model = build_model("tiny-deepseek-v3", VOCAB, seed=0).eval()
+    x = batch()
+    with torch.no_grad():
+        before = model(x).logits
+        n = adapt_split_routers(model)
+        after = model(x).logits
+    layers = sum(type(m).__name__ == "DeepseekV3MoE" for m in model.modules())
+    assert layers >= 1 and n == (layers if Version(transformers.__version__) < Version("5.11") else 0)
+    assert torch.equal(before, after)
+    assert adapt_split_routers(model) == 0  # once
+
+
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_capture_matches_output_router_logits(preset):
     model, routers = make(preset)
     x = batch()
     with torch.no_grad():
-        ref = model(x, output_router_logits=True)
+        ref, router_logits = output_router_logits(model, routers, x)
         with routers.capture() as rec:
             out = model(x)
     trace = rec.trace
     b, s = x.shape
     assert trace.topk_idx.shape == (b, s, routers.num_layers, routers.model_top_k)
     assert trace.topk_idx.dtype == torch.uint8
-    assert len(ref.router_logits) == routers.num_layers  # dense layers are skipped, not misaligned
+    assert len(router_logits) == routers.num_layers  # dense layers are skipped, not misaligned
     assert torch.equal(out.logits, ref.logits)  # capture changes nothing
-    for layer, lg in enumerate(ref.router_logits):
+    for layer, lg in enumerate(router_logits):
         want = reference_selection(routers, lg, layer).sort(-1).values.view(b, s, -1)
         got = trace.topk_idx[:, :, layer].long().sort(-1).values
         assert torch.equal(got, want), layer
@@ -92,8 +127,8 @@ def test_gamma_from_capture_equals_hand_computation(preset):
             old_model(x)
         with routers_new.gather(old.trace, positions=resp) as cur:
             new_model(x)
-        ref_old = old_model(x, output_router_logits=True).router_logits
-        ref_new = new_model(x, output_router_logits=True).router_logits
+        ref_old = output_router_logits(old_model, routers_old, x)[1]
+        ref_new = output_router_logits(new_model, routers_new, x)[1]
     gamma = router_shift_ratio(old.trace.logp, cur.trace.logp, gamma_min=1e-12)
     # by hand: per layer, the old top-k experts and |log r_new - log r_old| averaged, then exp(-mean over layers)
     b, s = x.shape

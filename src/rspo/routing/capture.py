@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from rspo.errors import ModelError
-from rspo.routing.families import RouterFamily, RouterProb, family_of, router_log_probs_at
+from rspo.routing.families import RouterFamily, RouterProb, adapt_split_routers, family_of, router_log_probs_at
 
 Tensor = torch.Tensor
 ReplayMode = Literal["indices", "logits"]
@@ -141,6 +141,7 @@ class MoERouters:
     def __init__(self, model: nn.Module, top_k: int | None = None, prob: RouterProb = "full") -> None:
         self.model = model
         self.family: RouterFamily = family_of(model)
+        adapt_split_routers(model)  # transformers < 5.11: DeepSeek-V3's router returns logits only
         found = [(name, m) for name, m in model.named_modules() if type(m).__name__ == self.family.router_class]
         if not found:
             raise ModelError(

@@ -18,6 +18,7 @@ r_k / sum_{j in S_old} r_j (for gpt_oss this equals its weights).
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,6 +108,46 @@ def family_of(model: nn.Module) -> RouterFamily:
         f"{type(model).__name__} (model_type={model_type!r}) has no MoE layer: router data needs a Mixture-of-"
         f"Experts model ({', '.join(FAMILIES)})"
     )
+
+
+def adapt_split_routers(model: nn.Module) -> int:
+    """Version shim, transformers < 5.11 (verl's range): there ``DeepseekV3TopkRouter`` returns the logits
+    only and the group-limited top-k lives in ``DeepseekV3MoE.route_tokens_to_experts``. Give each such
+    router the contract of the other families and of later transformers, ``(logits, weights, indices)``,
+    and let its MoE block consume that output: the same operations in the same order (outputs unchanged,
+    tested), so capture, gather and replay hooks on the router work. Returns the number of blocks adapted
+    (0 with transformers >= 5.11, whose router already does this)."""
+    n = 0
+    for moe in model.modules():
+        gate = getattr(moe, "gate", None)
+        if type(moe).__name__ != "DeepseekV3MoE" or gate is None or hasattr(gate, "top_k"):
+            continue
+        if not hasattr(moe, "route_tokens_to_experts"):
+            raise ModelError("DeepseekV3MoE of this transformers version has neither a top-k router nor "
+                             "route_tokens_to_experts: unsupported; use transformers >= 5.5.3")  # fmt: skip
+        gate.num_experts, gate.top_k = moe.n_routed_experts, moe.top_k
+        gate.norm_topk_prob, gate.routed_scaling_factor = moe.norm_topk_prob, moe.routed_scaling_factor
+        gate.num_group, gate.topk_group = moe.n_group, moe.topk_group
+        # bound methods and an unregistered back-reference: deepcopy rebinds them to the copy
+        object.__setattr__(gate, "_rspo_moe", moe)
+        gate.forward = types.MethodType(_split_router_forward, gate)
+        moe.forward = types.MethodType(_split_moe_forward, moe)
+        n += 1
+    return n
+
+
+def _split_router_forward(gate: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    logits = type(gate).forward(gate, hidden_states)
+    idx, w = gate._rspo_moe.route_tokens_to_experts(logits)
+    return logits, w, idx
+
+
+def _split_moe_forward(moe: nn.Module, hidden_states: Tensor) -> Tensor:
+    """DeepseekV3MoE.forward of transformers 5.10, with the router's split output."""
+    residuals, shape = hidden_states, hidden_states.shape
+    _, w, idx = moe.gate(hidden_states)
+    out = moe.experts(hidden_states.view(-1, hidden_states.shape[-1]), idx, w).view(*shape)
+    return out + moe.shared_experts(residuals)
 
 
 def router_log_probs_at(family: RouterFamily, logits: Tensor, idx: Tensor, prob: RouterProb = "full") -> Tensor:
