@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rspo.config import build
-from rspo.policy import BASE_POLICY_DIR
+from rspo.policy import E8K1_BASE_DIR
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 
@@ -56,7 +56,7 @@ def one_step(tr: Trainer, step: int) -> tuple[dict[str, float], int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--model", default=str(BASE_POLICY_DIR))
+    ap.add_argument("--model", default=str(E8K1_BASE_DIR))
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp())

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rspo.config import build
-from rspo.policy import BASE_POLICY_DIR, load_policy
+from rspo.policy import E8K1_BASE_DIR, load_policy
 from rspo.rundir import read_metrics
 from rspo.tasks import make_task
 from rspo.train_config import TrainConfig
@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="rollout batches per run")
     ap.add_argument("--pairs", type=int, default=2)
-    ap.add_argument("--model", default=str(BASE_POLICY_DIR))
+    ap.add_argument("--model", default=str(E8K1_BASE_DIR))
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(

@@ -21,12 +21,12 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from rspo.integrations.trl import RSPOConfig, RSPOTrainer, task_dataset, task_reward_func
-from rspo.policy import BASE_POLICY_DIR, load_policy
+from rspo.policy import E8K1_BASE_DIR, load_policy
 from rspo.tasks import make_task
 
 
 def run(kind: str, steps: int) -> tuple[float, int]:
-    policy = load_policy(BASE_POLICY_DIR)
+    policy = load_policy(E8K1_BASE_DIR)
     model, tok = policy.model, policy.tokenizer
     task = make_task("countdown")
     stream = task.train_examples(seed=1)

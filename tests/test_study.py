@@ -106,3 +106,38 @@ def test_summarize_hand_computed_rows():
     assert t["reach"][0.3] == [1, None]
     assert t["clip"][0] == pytest.approx((0.25 + 0.75) / 2, abs=1e-12)  # mean over steps 1..4, then over seeds
     assert math.isnan(t["sampled"][0])  # no sampled checks logged
+
+
+def test_t_quantile_and_mean_ci_against_tables():
+    from rspo.study import mean_ci, t_quantile
+
+    # Student's t, 97.5% quantiles (standard tables, 8 digits)
+    for df, want in [(1, 12.7062047), (2, 4.30265273), (4, 2.77644511), (9, 2.26215716), (30, 2.04227246)]:
+        assert t_quantile(0.975, df) == pytest.approx(want, abs=1e-6)
+    assert t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-9)
+    xs = [0.1, 0.2, 0.4]  # mean 0.7/3, sample std sqrt(0.02333..)
+    m, h = mean_ci(xs)
+    assert m == pytest.approx(0.7 / 3, abs=1e-12)
+    assert h == pytest.approx(4.30265273 * math.sqrt(((0.1 - m) ** 2 + (0.2 - m) ** 2 + (0.4 - m) ** 2) / 2 / 3),
+                              abs=1e-7)  # fmt: skip
+    assert math.isnan(mean_ci([0.3])[1]) and math.isnan(mean_ci([])[0])
+    with pytest.raises(ValueError, match="df >= 1"):
+        t_quantile(0.975, 0)
+
+
+def test_paired_differences_hand_computed():
+    from rspo.study import paired_differences
+
+    table = {"a": {"late_per_seed": {0: 0.30, 1: 0.20, 2: 0.25}},
+             "b": {"late_per_seed": {0: 0.20, 1: 0.20, 2: 0.15, 3: 0.9}}}  # fmt: skip
+    (d,) = paired_differences(table, ["a - b"])
+    assert (d["arm"], d["baseline"], d["seeds"]) == ("a", "b", 3)  # seed 3 has no pair
+    assert d["diff"] == pytest.approx(0.2 / 3, abs=1e-12)
+    diffs = [0.1, 0.0, 0.1]
+    sd = math.sqrt(sum((x - 0.2 / 3) ** 2 for x in diffs) / 2)
+    assert d["half"] == pytest.approx(4.30265273 * sd / math.sqrt(3), abs=1e-7)
+    assert [(x["arm"], x["baseline"]) for x in paired_differences(table, [])] == [("b", "a")]
+    with pytest.raises(ValueError, match=r"no runs for \['c'\]"):
+        paired_differences(table, ["c - a"])
+    with pytest.raises(ValueError, match="is not 'arm - baseline'"):
+        build(StudyConfig, {"arms": {"a": []}, "compare": ["a-b"]})

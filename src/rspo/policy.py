@@ -41,7 +41,10 @@ from rspo.errors import ModelError
 from rspo.tasks.base import Prompt
 
 Tensor = torch.Tensor
-BASE_POLICY_DIR = Path(__file__).parent / "assets" / "countdown-base"  # model: base
+# model: base. The main testbed (issue 13): Qwen3-MoE, 64 experts, top-8, pretrained with a habit the RL task
+# penalises. The first testbed (8 experts, top-1) stays shipped as builtin:countdown-base.
+BASE_POLICY_DIR = Path(__file__).parent / "assets" / "countdown-e64k8"
+E8K1_BASE_DIR = Path(__file__).parent / "assets" / "countdown-base"  # the first testbed; the benchmarks' model
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -74,8 +77,8 @@ ASSETS = Path(__file__).parent / "assets"
 
 
 def resolve_model_path(model: str) -> str:
-    """``base`` -> the shipped Countdown base policy; ``builtin:NAME`` -> the policy ``NAME`` shipped with rspo
-    (``src/rspo/assets/``); anything else unchanged (a directory or a hub id)."""
+    """``base`` -> the shipped main Countdown base policy (64 experts, top-8); ``builtin:NAME`` -> the policy
+    ``NAME`` shipped with rspo (``src/rspo/assets/``); anything else unchanged (a directory or a hub id)."""
     if model == "base":
         return str(BASE_POLICY_DIR)
     if model.startswith("builtin:"):

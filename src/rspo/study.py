@@ -49,6 +49,9 @@ class StudyConfig:
     base config and common overrides required), e.g. ablations against the main arms."""
     reference_arms: list[str] = field(default_factory=list)
     """Arms of ``reference_dir`` to show (labelled ``<arm> (ref)``)."""
+    compare: list[str] = field(default_factory=list)
+    """Pairs ``"arm - baseline"`` (``<arm> (ref)`` for a reference arm) for the report's table of
+    differences, paired by seed; empty = every pair of this study's arms."""
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -60,6 +63,9 @@ class StudyConfig:
             raise ValueError(f"arm names must be letters, digits, - and _: {bad}")
         if bool(self.reference_dir) != bool(self.reference_arms):
             raise ValueError("study.reference_dir and study.reference_arms go together (both set or neither)")
+        for pair in self.compare:
+            if len(pair.split(" - ")) != 2:
+                raise ValueError(f"study.compare: {pair!r} is not 'arm - baseline'")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"study.seeds has repeated seeds: {self.seeds}")
         if not all(0 <= a <= 1 for a in self.accuracy_levels):
@@ -194,6 +200,59 @@ def _series(rows: list[dict], key: str, smooth: int) -> dict[int, float]:
     return out
 
 
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (p >= 0.5) of Student's t with ``df`` degrees of freedom: bisection on the CDF,
+    whose density is integrated by Simpson's rule (error far below the 1e-4 that a CI needs)."""
+    if not 0.5 <= p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(xs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided ``level`` confidence interval, Student's t with n - 1
+    degrees of freedom (seeds as independent draws); NaN half-width with fewer than 2 values."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    if len(xs) < 2:
+        return xs[0], float("nan")
+    return statistics.mean(xs), t_quantile((1 + level) / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def paired_differences(table: dict[str, dict[str, Any]], compare: list[str]) -> list[dict[str, Any]]:
+    """Per pair ``"arm - baseline"``: the mean over common seeds of arm - baseline in the late validation
+    accuracy (mean of the last checks), with its 95% t interval. Seeds pair runs that start from the same
+    first rollout batch. ``compare`` empty: every pair of arms, in table order. A pair naming an arm
+    without runs is an error."""
+    arms = list(table)
+    pairs = [tuple(p.split(" - ")) for p in compare] if compare else [
+        (a, b) for i, b in enumerate(arms) for a in arms[i + 1 :]]  # fmt: skip
+    out = []
+    for a, b in pairs:
+        missing = [x for x in (a, b) if x not in table]
+        if missing:
+            raise ValueError(f"study.compare: {a} - {b}: no runs for {missing} (arms: {arms})")
+        la, lb = table[a]["late_per_seed"], table[b]["late_per_seed"]
+        common = sorted(set(la) & set(lb))
+        d = [la[s] - lb[s] for s in common if la[s] is not None and lb[s] is not None]
+        m, h = mean_ci(d)
+        out.append({"arm": a, "baseline": b, "seeds": len(d), "diff": m, "half": h})
+    return out
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
@@ -245,7 +304,7 @@ def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[
     table: dict[str, dict[str, Any]] = {}
     for arm, a in arms.items():
         per_seed = []
-        for rows in a.runs.values():
+        for seed, rows in a.runs.items():
             val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
             if not val:
                 continue
@@ -260,6 +319,7 @@ def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[
                 return sum(vals) / len(vals) if vals else float("nan")
 
             per_seed.append({
+                "seed": seed, "below95": avg("offpolicy/router_gamma_below_0.95"), "entropy": avg("entropy/mean"),
                 "final": final, "best": best, "collapsed": is_collapsed(final, best, cfg.collapse_drop),
                 "late": statistics.mean(v for _, v in val[-LATE_CHECKS:]) if len(val) > LATE_CHECKS else None,
                 "sampled": sampled[-1] if sampled else None, "reach": reach, "clip": avg("clip_ratio/region_mean"),
@@ -276,6 +336,10 @@ def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[
             "final": _mean_std([p["final"] for p in per_seed]),
             "best": _mean_std([p["best"] for p in per_seed]),
             "late": _mean_std([p["late"] for p in per_seed]),
+            "late_ci": mean_ci([p["late"] for p in per_seed]),
+            "late_per_seed": {p["seed"]: p["late"] for p in per_seed},
+            "below95": _mean_std([p["below95"] for p in per_seed]),
+            "entropy": _mean_std([p["entropy"] for p in per_seed]),
             "sampled": _mean_std([p["sampled"] for p in per_seed]),
             "collapsed": sum(p["collapsed"] for p in per_seed),
             "reach": {lvl: [p["reach"][lvl] for p in per_seed] for lvl in cfg.accuracy_levels},
@@ -380,6 +444,10 @@ def write_report(
             return "n/a"
         return f"{m:.1%} +- {s:.1%}" if pct else f"{m:.4g} +- {s:.2g}"
 
+    def ci(x):
+        m, h = x
+        return "n/a" if math.isnan(h) else f"[{m - h:.1%}, {m + h:.1%}]"
+
     ref = bool(cfg.reference_dir)
     lines = [
         "# Stability study",
@@ -393,22 +461,41 @@ def write_report(
         "(with best >= 5%). Validation: greedy accuracy on 200 held-out problems (+- about 3 points is noise); "
         "sampled: pass@1 at the rollout temperature, `eval_samples` responses per problem (n/a when not logged).",
         "",
-        f"| arm | overrides | seeds | steps | final val acc | val acc, last {LATE_CHECKS} checks | best val acc | "
+        "Confidence intervals: 95%, Student's t over seeds (mean +- t(0.975, n-1) s / sqrt(n)); the differences "
+        "are paired by seed (the same first rollout batch).",
+        "",
+        f"| arm | overrides | seeds | steps | final val acc | val acc, last {LATE_CHECKS} checks | "
+        f"last {LATE_CHECKS} checks, 95% CI | best val acc | "
         "final sampled val acc | collapsed | "
         + " | ".join(f"steps to {lvl:.0%}" for lvl in cfg.accuracy_levels)
-        + " | clip fraction | ratio std (off-policy) | gamma (off-policy) | non-shifted ratio"
-        + " | grad var across mini-batches |",
-        "|" + "---|" * (14 + len(cfg.accuracy_levels)),
+        + " | clip fraction | ratio std (off-policy) | gamma (off-policy) | tokens gamma < 0.95 (off-policy) "
+        + "| non-shifted ratio | token entropy | grad var across mini-batches |",
+        "|" + "---|" * (17 + len(cfg.accuracy_levels)),
     ]
     for arm, t in table.items():
         reach = [", ".join("-" if s is None else str(s) for s in t["reach"][lvl]) for lvl in cfg.accuracy_levels]
         lines.append(
             f"| {arm} | `{' '.join(arms[arm].overrides)}` | {t['seeds']} | {t['steps']} | {ms(t['final'])} | "
-            f"{ms(t['late'])} | "
+            f"{ms(t['late'])} | {ci(t['late_ci'])} | "
             f"{ms(t['best'])} | {ms(t['sampled'])} | "
             f"{t['collapsed']}/{t['seeds']} | " + " | ".join(reach) + f" | {ms(t['clip'], False)} | "
-            f"{ms(t['ratio_std'], False)} | {ms(t['gamma'], False)} | {ms(t['nsr'], False)} | {ms(t['gvar'], False)} |"
+            f"{ms(t['ratio_std'], False)} | {ms(t['gamma'], False)} | {ms(t['below95'])} | {ms(t['nsr'], False)} | "
+            f"{ms(t['entropy'], False)} | {ms(t['gvar'], False)} |"
         )
+    diffs = paired_differences(table, cfg.compare)
+    if diffs:
+        lines += [
+            "",
+            f"Differences in validation accuracy (last {LATE_CHECKS} checks), paired by seed:",
+            "",
+            "| arm | minus | seeds | mean difference | 95% CI | the interval excludes 0 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d in diffs:
+            lo, hi = d["diff"] - d["half"], d["diff"] + d["half"]
+            sig = "n/a" if math.isnan(d["half"]) else ("yes" if lo > 0 or hi < 0 else "no")
+            lines.append(f"| {d['arm']} | {d['baseline']} | {d['seeds']} | {d['diff']:+.1%} | "
+                         f"[{lo:+.1%}, {hi:+.1%}] | {sig} |")  # fmt: skip
     lines += ["", "![final](final.png)", "", "![curves](curves.png)", "", "![gamma](gamma.png)", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
