@@ -268,7 +268,7 @@ def test_presets_load(tmp_path):
                "task.options.eval={aime24: builtin:math/sample-plain.jsonl}"]  # fmt: skip
     configs = Path(__file__).resolve().parents[1] / "configs"
     for f in sorted(configs.glob("*.yaml")):
-        if f.name.startswith(("study", "pretrain", "drift")):  # other commands' configs (their own tests)
+        if f.name.startswith(("study", "pretrain", "drift", "gradvar")):  # other commands' configs (below)
             continue
         cfg = load_config(TrainConfig, f, shipped if "30b" in f.name else [])
         assert cfg.updates_per_step >= 2, f.name  # the paper's off-policy regime
@@ -285,6 +285,17 @@ def test_presets_load(tmp_path):
 
     atlas = load_config(DriftConfig, configs / "drift-atlas.yaml")
     assert len(atlas.models) == 8 and len(atlas.regimes) == 4
+    from rspo.study import StudyConfig
+    from rspo.variance import GradVarConfig
+
+    for f in sorted(configs.glob("gradvar-*.yaml")):
+        gv = load_config(GradVarConfig, f)
+        assert load_config(TrainConfig, gv.train_config, gv.overrides).updates_per_step >= 2, f.name
+    for f in sorted(configs.glob("study-*.yaml")):  # every arm of every study is a valid train config
+        st = load_config(StudyConfig, f)
+        for arm, over in st.arms.items():
+            run = load_config(TrainConfig, st.base_config, [*st.common, *over])
+            assert run.updates_per_step >= 2, (f.name, arm)
 
 
 def test_corrupt_checkpoint_and_missing_policy(tiny_policy, tmp_path):
