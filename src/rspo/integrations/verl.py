@@ -148,8 +148,7 @@ clip (ratio epsilon for grpo, log-space for gmpo/rspo, the sequence epsilon for 
 losses); ``clip_ratio_c`` is the dual clip of grpo/gspo/gspo_token (GMPO/RSPO have none: a changed value
 is an error); ``loss_agg_mode`` aggregates token objectives (sequence objectives are sequence means:
 only the default token-mean, which verl's geo_mean ignores too, is accepted)."""
-_AGG = {"token-mean": "token-mean", "seq-mean-token-mean": "seq-mean-token-mean",
-        "seq-mean-token-sum-norm": "seq-mean-token-sum-norm"}  # fmt: skip
+_TOKEN_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # verl's names = ours
 
 
 def objective_hparams(actor: Any, cfg: VerlRSPOConfig) -> dict[str, Any]:
@@ -169,10 +168,10 @@ def objective_hparams(actor: Any, cfg: VerlRSPOConfig) -> dict[str, Any]:
                          "has no dual clip (leave it at 3.0)")  # fmt: skip
     mode = actor.loss_agg_mode
     if "loss_agg" in obj.defaults:
-        if mode not in _AGG:
+        if mode not in _TOKEN_AGG:
             raise ValueError(f"actor_rollout_ref.actor.loss_agg_mode={mode!r}: {cfg.objective} takes "
-                             f"{', '.join(_AGG)}")  # fmt: skip
-        hp["loss_agg"] = _AGG[mode]
+                             f"{', '.join(_TOKEN_AGG)}")  # fmt: skip
+        hp["loss_agg"] = mode
         if mode == "seq-mean-token-sum-norm":
             hp["norm_length"] = actor.loss_scale_factor  # None: filled with the response length per call
     elif mode != "token-mean":
