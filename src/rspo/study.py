@@ -224,11 +224,9 @@ def t_quantile(p: float, df: int) -> float:
 def mean_ci(xs: list[float], level: float = 0.95) -> tuple[float, float]:
     """Mean and the half-width of its two-sided ``level`` confidence interval, Student's t with n - 1
     degrees of freedom (seeds as independent draws); NaN half-width with fewer than 2 values."""
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
+    xs = _finite(xs)
     if len(xs) < 2:
-        return xs[0], float("nan")
+        return (xs[0] if xs else float("nan")), float("nan")
     return statistics.mean(xs), t_quantile((1 + level) / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
@@ -253,8 +251,12 @@ def paired_differences(table: dict[str, dict[str, Any]], compare: list[str]) -> 
     return out
 
 
+def _finite(xs: list[float | None]) -> list[float]:
+    return [x for x in xs if x is not None and math.isfinite(x)]
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    xs = _finite(xs)
     if not xs:
         return float("nan"), float("nan")
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0

@@ -445,3 +445,23 @@ def test_rollout_weights_entropy_and_kl_follow_verl():
     ref = pg - 0.01 * (ent * mask).sum() / mask.sum() + 0.05 * (kl * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, ref, atol=1e-12, rtol=0)
     assert "pg/rollout/weight_mean" in met
+
+
+def test_an_abandoned_forward_leaves_no_hooks(model):
+    eng = make_engine(model)
+    cap = rv.install_capture(eng, rv.VerlRSPOConfig())
+    td = make_batch()
+    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
+    routers = cap.routers.routers
+
+    def hooks():  # transformers may keep hooks of its own on these modules: count ours by difference
+        return [len(r._forward_hooks) for r in routers] + [len(model._forward_pre_hooks)]
+
+    before = hooks()
+    with torch.no_grad():
+        eng.prepare_model_inputs(td)  # armed for the old pass; the forward then fails before the outputs
+    assert hooks() == [n + 1 for n in before]
+    cap.after_abandoned()
+    assert hooks() == before
+    mo = old_pass(eng, td)  # and the next micro-batch records normally
+    assert mo[rv.OLD_IDX].values().shape[1:] == (2, 2)

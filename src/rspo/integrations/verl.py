@@ -29,6 +29,7 @@ old pass: the update finds no old router record and says so).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -37,12 +38,12 @@ from typing import Any, get_args
 import torch
 
 from rspo.objectives import compute_policy_loss, get_objective, list_objectives
-from rspo.routing.capture import MoERouters, _in_backward
-from rspo.routing.families import router_log_probs_at
+from rspo.routing.capture import MoERouters, RouterTrace
 from rspo.routing.shift import (
     ExpertAgg,
     LayerAgg,
     gamma_metrics,
+    gamma_tail_metrics,
     non_shifted_ratio,
     router_shift_ratio_with_grad,
 )
@@ -198,11 +199,9 @@ class EngineRouterCapture:
     def __init__(self, engine: Any, cfg: VerlRSPOConfig) -> None:
         self.engine, self.cfg = engine, cfg
         self._routers: MoERouters | None = None
-        self._handles: list = []
+        self._hooks: contextlib.ExitStack | None = None  # MoERouters' capture or gather, open for one forward
+        self._rec: Any = None
         self._mode: str | None = None
-        self._idx: list[list[Tensor]] = []
-        self._logp: list[list[Tensor]] = []
-        self._stored: Tensor | None = None
 
     @property
     def routers(self) -> MoERouters:
@@ -221,7 +220,8 @@ class EngineRouterCapture:
                                       "the model's plain forward)")  # fmt: skip
 
     def before(self, micro_batch: Any) -> None:
-        """Arm the hooks for this micro-batch's forward."""
+        """Arm the hooks for this micro-batch's forward: :meth:`MoERouters.capture` in the old pass,
+        :meth:`MoERouters.gather` at the old experts in the update (its hooks skip checkpoint recomputation)."""
         import verl.utils.tensordict_utils as tu
 
         self.after_abandoned()
@@ -234,20 +234,25 @@ class EngineRouterCapture:
             return
         self._check_engine(micro_batch)
         r = self.routers
-        if self._mode == "update":
-            if OLD_IDX not in micro_batch:
-                raise KeyError(
-                    f"{NAMESPACE}: the update's batch has no {OLD_IDX!r}: the old-log-prob pass did not run on the "
-                    "actor (rollout-correction bypass mode, or the v0 trainer, which drops extra outputs); RSPO "
-                    "needs the old pass"
-                )
-            self._stored = self._old_per_forward_token(micro_batch, micro_batch[OLD_IDX])  # (N, L, K)
-        self._idx = [[] for _ in range(r.num_layers)]
-        self._logp = [[] for _ in range(r.num_layers)]
-        self._handles = [router.register_forward_hook(self._make_hook(i)) for i, router in enumerate(r.routers)]
+        if self._mode == "old":
+            self._hooks = contextlib.ExitStack()
+            self._rec = self._hooks.enter_context(r.capture(positions=None))
+            return
+        if OLD_IDX not in micro_batch:
+            self._mode = None
+            raise KeyError(
+                f"{NAMESPACE}: the update's batch has no {OLD_IDX!r}: the old-log-prob pass did not run on the "
+                "actor (rollout-correction bypass mode, or the v0 trainer, which drops extra outputs); RSPO "
+                "needs the old pass"
+            )
+        stored = self._old_per_forward_token(micro_batch, micro_batch[OLD_IDX])  # (B, S, L, K)
+        trace = RouterTrace(stored, stored.new_zeros(stored.shape, dtype=torch.float32))  # gather reads topk_idx
+        self._hooks = contextlib.ExitStack()
+        self._rec = self._hooks.enter_context(r.gather(trace, keep_grad=not self.cfg.stop_gradient))
 
     def _old_per_forward_token(self, micro_batch: Any, old: Tensor) -> Tensor:
-        """The old experts aligned with the tokens the routers will see: packed (+ tail pad) or padded."""
+        """The old experts laid out as the forward's tokens ``(B, S, L, K)``: packed (B = 1, plus the tail
+        pad) or padded."""
         import verl.utils.tensordict_utils as tu
 
         if not old.is_nested:
@@ -260,65 +265,36 @@ class EngineRouterCapture:
                 else 0  # fmt: skip
             if pad:
                 vals = torch.cat([vals, vals.new_zeros(pad, *vals.shape[1:])])
-            return vals
+            return vals[None]
         lens = ids.offsets().diff()
-        s = int(lens.max())
-        padded = torch.nested.to_padded_tensor(old, 0, output_size=(len(lens), s, *old.values().shape[1:]))
-        return padded.reshape(-1, *padded.shape[2:])
-
-    def _make_hook(self, layer: int):
-        r = self.routers
-        router = r.routers[layer]
-        keep_grad = not self.cfg.stop_gradient
-
-        def hook(module, inputs, output):
-            recompute = _in_backward()
-            if recompute and not (self._mode == "update" and keep_grad):
-                return
-            logits, _, idx = output
-            with torch.set_grad_enabled(self._mode == "update" and keep_grad and torch.is_grad_enabled()):
-                sel = r._stored_indices(router, logits, idx).detach()
-                if self._mode == "old":
-                    lp = router_log_probs_at(r.family, logits, sel, r.prob)
-                else:
-                    if self._stored.shape[0] != logits.shape[0]:
-                        raise ValueError(f"{OLD_IDX}: {self._stored.shape[0]} tokens for a forward of "
-                                         f"{logits.shape[0]} at MoE layer {layer}")  # fmt: skip
-                    lp = router_log_probs_at(r.family, logits, self._stored[:, layer].long(), r.prob)
-            if recompute:
-                return  # redone so that a non-reentrant checkpoint sees the same saved tensors
-            self._idx[layer].append(sel.to(r.idx_dtype))
-            self._logp[layer].append(lp.float() if self._mode == "update" else lp.float().detach())
-
-        return hook
+        return torch.nested.to_padded_tensor(old, 0, output_size=(len(lens), int(lens.max()), *old.values().shape[1:]))
 
     def after_abandoned(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """A forward that failed or never reached ``prepare_model_outputs``: unwind the open context as on
+        an error (its hooks are removed, no record is assembled)."""
+        if self._hooks is not None:
+            hooks, self._hooks, self._mode, self._rec = self._hooks, None, None, None
+            err = RuntimeError("rspo: forward abandoned")
+            hooks.__exit__(type(err), err, None)
 
     def after(self, output_args: dict, micro_batch: Any, model_output: dict) -> None:
         """Disarm the hooks and add the router tensors to ``model_output`` (jagged, full sequence)."""
         import verl.utils.tensordict_utils as tu
 
-        mode, self._mode = self._mode, None
-        self.after_abandoned()
+        mode, hooks, self._mode, self._hooks = self._mode, self._hooks, None, None
         if mode is None:
             return
-        counts = [len(c) for c in self._idx]
-        if any(c != 1 for c in counts):
-            raise RuntimeError(f"{NAMESPACE}: expected one router call per MoE layer and forward, got {counts}")
-        idx = torch.stack([c[0] for c in self._idx], dim=1)  # (N, L, K)
-        logp = torch.stack([c[0] for c in self._logp], dim=1)
-        self._idx, self._logp, self._stored = [], [], None
-        ids = micro_batch["input_ids"]
-        offsets = ids.offsets()
+        hooks.close()  # removes the hooks and assembles the record (an error if a layer was not seen once)
+        trace = self._rec.trace
+        self._rec = None
+        b, s = trace.topk_idx.shape[:2]
+        idx, logp = (x.reshape(b * s, *x.shape[2:]) for x in (trace.topk_idx, trace.logp))  # (B*S, L, K)
+        offsets = micro_batch["input_ids"].offsets()
         if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
             pad = output_args.get("pad_size", 0)
             idx, logp = (self.engine._gather_and_unpad_packed(x, pad) for x in (idx, logp))
-        else:  # (B*S, ...) padded rows -> the valid tokens of each row, packed
+        else:  # padded rows -> the valid tokens of each row, packed
             lens = offsets.diff()
-            s = idx.shape[0] // len(lens)
             keep = (torch.arange(s, device=lens.device)[None] < lens[:, None]).reshape(-1)
             idx, logp = idx[keep], logp[keep]
         names = (OLD_IDX, OLD_LOGP) if mode == "old" else (CUR_IDX, CUR_LOGP)
@@ -416,11 +392,9 @@ def rspo_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = No
         old_idx = no_padding_2_padding(data[OLD_IDX], data)
         cur_idx = no_padding_2_padding(model_output[CUR_IDX], data)
         metrics.update(gamma_metrics(gamma, mask, rspo.gamma_min))
+        metrics.update(gamma_tail_metrics(gamma, mask))
         metrics["router/non_shifted_ratio"] = non_shifted_ratio(old_idx, cur_idx, mask)
-        g_in = gamma.detach()[mask > 0].double()
-        for thr in (0.99, 0.95, 0.9):
-            metrics[f"router/gamma_below_{thr}"] = float((g_in < thr).double().mean()) if g_in.numel() else 0.0
-        metrics["router/tokens"] = int(g_in.numel())
+        metrics["router/tokens"] = int((mask > 0).sum())
     weights = small.get("rollout_is_weights", None)
     loss, pg = compute_policy_loss(
         rspo.objective, log_prob, small["old_log_probs"].to(log_prob.dtype), small["advantages"].to(log_prob.dtype),

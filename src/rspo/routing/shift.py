@@ -162,6 +162,22 @@ def gamma_metrics(
     return out
 
 
+GAMMA_THRESHOLDS = (0.99, 0.95, 0.9)
+"""The tail shares :func:`gamma_tail_metrics` reports."""
+
+
+def gamma_tail_metrics(gamma: Tensor, mask: Tensor) -> dict[str, float]:
+    """The tail of gamma over response tokens: ``router/gamma_p1``, ``router/gamma_p50`` and the shares
+    ``router/gamma_below_{0.99,0.95,0.9}``; empty on an empty mask."""
+    g = gamma.detach()[mask > 0].double()
+    if not g.numel():
+        return {}
+    out = {"router/gamma_p1": float(torch.quantile(g, 0.01)), "router/gamma_p50": float(torch.quantile(g, 0.5))}
+    for thr in GAMMA_THRESHOLDS:
+        out[f"router/gamma_below_{thr}"] = float((g < thr).double().mean())
+    return out
+
+
 GAMMA_EDGES = (1.0, 0.99999, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.9, 0.88,
                0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.0)  # fmt: skip
 """Bins of :func:`gamma_histogram`: bin 0 holds gamma == 1 exactly, bin i >= 1 holds

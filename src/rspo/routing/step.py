@@ -31,13 +31,13 @@ from rspo.routing.shift import (
     LayerAgg,
     gamma_histogram,
     gamma_metrics,
+    gamma_tail_metrics,
     non_shifted_ratio,
     router_shift_ratio_with_grad,
 )
 
 Tensor = torch.Tensor
 RoutingControl = Literal["none", "freeze", "replay_logits", "replay_indices"]
-GAMMA_THRESHOLDS = (0.99, 0.95, 0.9)
 
 
 @dataclass(frozen=True)
@@ -161,18 +161,13 @@ class RoutingStep:
         loads = torch.stack([torch.bincount(idx[:, layer].reshape(-1), minlength=e)
                              for layer in range(idx.shape[1])]).float()  # (L, E)  # fmt: skip
         share = loads / loads.sum(1, keepdim=True).clamp(min=1)
-        g = gamma.detach()[sel].double()
         out: dict[str, Any] = {
             **gamma_metrics(gamma.detach(), mask, self.opts.gamma_min),
+            **gamma_tail_metrics(gamma, mask),
             "router/non_shifted_ratio": non_shifted_ratio(old.trace.topk_idx, cur.topk_idx, mask),
             "router/load_max_ratio": float((share.max(1).values * e).mean()),
             "router/gamma_hist": gamma_histogram(gamma, mask),
         }
-        if g.numel():
-            out["router/gamma_p1"] = float(torch.quantile(g, 0.01))
-            out["router/gamma_p50"] = float(torch.quantile(g, 0.5))
-            for thr in GAMMA_THRESHOLDS:
-                out[f"router/gamma_below_{thr}"] = float((g < thr).double().mean())
         with torch.no_grad():
             same = (old.trace.topk_idx.sort(-1).values == cur.topk_idx.sort(-1).values).all(-1)[sel]  # (n, L)
             eps = math.log(1e-8)
