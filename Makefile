@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rspo-installed
 
-.PHONY: install demo test lint study study-e8k1 drift test-trl-newest test-verl clean
+.PHONY: install demo test lint study study-e8k1 drift test-trl-newest test-verl stress-trl clean
 
 $(STAMP): pyproject.toml requirements-outside.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,14 @@ test-verl: $(VERL_STAMP)
 # The TRL tests against the newest TRL release on the index (the pinned one is what `make test` uses)
 test-trl-newest: $(STAMP)
 	$(PY) tests/trl_newest.py
+
+# The two-process TRL run repeated 20 times with every core kept busy (issue 21: a teardown abort one run in a
+# few); about 10 minutes. Not in CI.
+stress-trl: $(STAMP)
+	$(PY) -c "from rspo.pretrain import PretrainConfig, pretrain; pretrain(PretrainConfig(preset='tiny-qwen3-moe', \
+	  out_dir='runs/stress-policy', steps=80, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=0, final_eval=False, \
+	  shuffle_buffer=64, threads=1), progress=False, overwrite=True)"
+	$(PY) tests/scripts/stress_two_process.py runs/stress-policy --runs 20 --load 2
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -105,3 +105,21 @@ def bad_reward(text: str, item: int):
     if kind == 4:
         time.sleep(600)
     os._exit(3)
+
+
+class HugeRewards(Wrapped):
+    """Rewards at the edge of float32 by response: 1e308 (beyond float32: an error), +-3e38 (in range)."""
+
+    def __init__(self, task) -> None:
+        super().__init__(task)
+        self.n = 0
+
+    def verdict(self, text, problem):
+        self.n += 1
+        return Verdict((1e308, 3e38, -3e38, 0.0)[self.n % 4], "x", False)
+
+
+def allocating_reward(text: str, item: int) -> float:
+    """Holds ``item`` MiB for the duration of the call (a reward function that asks for too much memory)."""
+    block = bytearray(item << 20)
+    return float(len(block) > 0)

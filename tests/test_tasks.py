@@ -15,8 +15,11 @@ from rspo.evaluate import k_values, pass_at_k
 from rspo.tasks import Verdict, list_tasks, make_task
 from rspo.tasks.math import (
     DATA_DIR,
+    MathExample,
     MathGrader,
+    based_number,
     builtin_files,
+    equation_sides,
     last_boxed,
     load_examples,
     normalize_answer,
@@ -124,6 +127,13 @@ def test_last_boxed():
     assert last_boxed("no box") is None
     assert last_boxed("\\boxed{unclosed {") is None  # a truncated response
     assert last_boxed("\\boxed{{a}{b}}") == "{a}{b}"
+    # without braces TeX takes one token: MATH solutions write \boxed 5
+    assert last_boxed("so the answer is $\\boxed 5$.") == "5"
+    assert last_boxed("\\boxed5") == "5" and last_boxed("\\boxed \\pi") == "\\pi" and last_boxed("\\fbox\n7") == "7"
+    assert last_boxed("\\boxed 42") == "4"  # one token, as TeX reads it (write \boxed{42})
+    assert last_boxed("\\boxed{1} and \\boxed 2") == "2" and last_boxed("\\boxed 1 and \\boxed{2}") == "2"
+    assert last_boxed("\\boxed{3} \\boxedsep") == "3"  # another command whose name starts with boxed
+    assert last_boxed("ends in \\boxed") is None and last_boxed("\\boxed }") is None
 
 
 EQUAL = [
@@ -148,6 +158,77 @@ EQUAL = [
 ]
 UNEQUAL = [("3", "4"), ("\\frac{1}{3}", "0.33"), ("(1,2)", "[1,2]"), ("\\{1,2\\}", "\\{1,3\\}"), ("x^2", "2x"),
            ("-1", "1"), ("\\pi", "3.14")]  # fmt: skip
+
+
+# Answers a policy could game the grader with (issue 21), each with the reason it is wrong.
+GAMED = [
+    ("6 = 5", "5", "a false equation: its sides disagree, so taking the last side would reward a hedge"),
+    ("1 = 2 = 3 = 4 = 5", "5", "a chain of false equations ending in the truth"),
+    ("5 = 6", "5", "a false equation starting with the truth"),
+    ("x = 4 = 5", "5", "an assignment followed by a false equation"),
+    ("x = y = 5", "5", "two variables: not a plain assignment"),
+    ("2x = 10", "5", "an equation to solve, not an answer"),
+    ("\\frac{x^2-25}{x-5} - x", "5", "a free variable left in the answer to a number (sympy cancels it)"),
+    ("\\frac{5x}{x}", "5", "a free variable left in the answer to a number"),
+    ("5 + 0x", "5", "a free variable left in the answer to a number"),
+    ("1011_3", "1011_2", "a subscript base is part of the value: 31 is not 11"),
+    ("2112_4", "2112_3", "a subscript base is part of the value: 150 is not 68"),
+    ("1011_2", "11", "the truth read in the answer's base 2 is 3, not 11"),
+    ("13_8", "1011_2", "the same number in another base: the base is part of the answer"),
+    ("1021", "1011_2", "not a base-2 numeral"),
+]
+# What stays correct next to those rules.
+GAME_FREE = [
+    ("x = 5", "5", "a plain assignment counts as its value"),
+    ("n_1 = 5", "5", "a plain assignment to a subscripted variable"),
+    ("\\theta = \\frac{\\pi}{2}", "\\pi/2", "a plain assignment to a Greek variable"),
+    ("2 + 3 = 5", "5", "the sides agree"),
+    ("x = 2 + 3 = 5", "5", "an assignment whose remaining sides agree"),
+    ("y = 2x + 3", "y = 2x+3", "an equation for an equation truth (math-verify's comparison)"),
+    ("1011_2", "1011_{2}", "the same base written two ways"),
+    ("(1011)_2", "1011_2", "parentheses around the digits"),
+    ("1011", "1011_2", "a bare numeral is read in the truth's base"),
+    ("FF_{16}", "255_{10}", None),
+    ("5_{10}", "5", "base 10 written out"),
+    ("3\\sqrt{2}", "\\sqrt{18}", "no variable: constants and roots"),
+    ("x + 1", "1 + x", "variables on both sides"),
+    ("5 \\text{ cm}", "5", "a unit in text is not a variable"),
+]
+
+
+@pytest.mark.parametrize(("answer", "truth", "why"), GAMED, ids=[g[0] for g in GAMED])
+def test_gamed_answers_are_wrong(answer, truth, why):
+    assert not MathGrader().correct(answer, truth), why
+
+
+@pytest.mark.parametrize(("answer", "truth", "why"), GAME_FREE, ids=[g[0] for g in GAME_FREE])
+def test_answers_next_to_the_gaming_rules_stay_judged(answer, truth, why):
+    if why is None:  # the same number in different bases
+        assert not MathGrader().correct(answer, truth)
+    else:
+        assert MathGrader().correct(answer, truth), why
+
+
+def test_equation_sides_and_bases():
+    assert equation_sides("1 = 2 = 3") == ["1 ", " 2 ", " 3"]
+    assert equation_sides("x \\leq 3") == ["x \\leq 3"] and equation_sides("x <= 3, y >= 2, z != 1") == [
+        "x <= 3, y >= 2, z != 1"
+    ]
+    assert equation_sides("\\{x : x = 1\\}") == ["\\{x : x = 1\\}"]  # inside braces: not the answer's equation
+    assert equation_sides("f(x=1) = 2") == ["f(x=1) ", " 2"]
+    assert based_number("1011_2") == ("1011", 2) and based_number("(FF)_{16}") == ("FF", 16)
+    assert based_number("x_{10}") is None and based_number("a_2") is None  # variables with subscripts
+    assert based_number("12_2") is None and based_number("1_1") is None  # a digit the base lacks, base 1
+    g = MathGrader(use_math_verify=False)  # the rules do not depend on math-verify
+    assert not g.correct("1011_3", "1011_2") and g.correct("1011", "1011_2") and not g.correct("6 = 5", "5")
+    assert g.correct("x = 5", "5")
+
+
+def test_unbraced_box_is_graded():
+    task = make_task("math", {"eval": {"s": SAMPLE}})
+    five = MathExample("t", "What is 2 + 3?", "5")
+    assert task.verdict("so $\\boxed 5$.", five) == Verdict(1.0, "correct", True)  # was no_answer
+    assert task.verdict("so $\\boxed 6$.", five) == Verdict(0.0, "wrong_answer", False)
 
 
 @pytest.mark.parametrize(("answer", "truth"), EQUAL)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import itertools
 import math
 import types
@@ -101,6 +102,32 @@ def check_value(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def dotted_fields(cls: type, prefix: str = "") -> list[str]:
+    """Every field of dataclass ``cls`` as a dotted name, sections recursively (``optim.lr``)."""
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += dotted_fields(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def suggest(name: str, cls: type, where: str = "") -> str | None:
+    """The nearest valid dotted field name for a misspelled ``name`` of ``cls`` (``lr`` -> ``optim.lr``)."""
+    prefix = f"{where}." if where else ""
+    names = dotted_fields(cls)
+    leaf = [n for n in names if n.rsplit(".", 1)[-1] == name]  # the right name in another section
+    if leaf:
+        return prefix + leaf[0]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if not close:  # a misspelled leaf in a section: compare last components
+        tails = {n.rsplit(".", 1)[-1]: n for n in reversed(names)}
+        close = [tails[t] for t in difflib.get_close_matches(name, list(tails), n=1, cutoff=0.75)]
+    return prefix + close[0] if close else None
+
+
 def build(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Instantiate dataclass ``cls`` from a (nested) mapping, checking every key and type."""
     data = dict(data or {})
@@ -109,7 +136,12 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     unknown = sorted(str(k) for k in set(data) - set(names))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config field(s) {brief([prefix + k for k in unknown])}; valid fields of "
+        near = {k: s for k in unknown if (s := suggest(k, cls, where))}
+        if len(unknown) == 1 and near:
+            hint = f" (did you mean {near[unknown[0]]}?)"
+        else:
+            hint = f" (did you mean {', '.join(f'{s} for {prefix}{k}' for k, s in near.items())}?)" if near else ""
+        raise ConfigError(f"unknown config field(s) {brief([prefix + k for k in unknown])}{hint}; valid fields of "
                           f"{where or cls.__name__}: {', '.join(names)}")  # fmt: skip
     kwargs = {k: check_value(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     try:

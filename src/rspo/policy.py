@@ -51,6 +51,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""A tokenizer's vocabulary, in one of the forms transformers saves (tokenizer_config.json alone is not one)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16"]
@@ -169,6 +171,9 @@ def load_policy(
             raise ModelError(f"{local / 'config.json'}: {_first_line(e)}") from None
         if not any((local / f).is_file() for f in WEIGHT_FILES):
             raise ModelError(f"{path!r} has no model weights (expected one of {', '.join(WEIGHT_FILES)})")
+        if not any((local / f).is_file() for f in TOKENIZER_FILES):  # transformers would build an empty one
+            raise ModelError(f"{path!r} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer next to the model (tokenizer.save_pretrained)")  # fmt: skip
         source = str(local)
     elif _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
         source = path  # a hub id: transformers resolves it from its cache (or the network, where there is one)
@@ -184,6 +189,12 @@ def load_policy(
         raise ModelError(
             f"cannot load the model from {path!r} (corrupt or incomplete checkpoint?): {_first_line(e)}"
         ) from None
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+    if len(tok) < 2 or not tok("0 1 a b", add_special_tokens=False)["input_ids"]:
+        raise ModelError(f"the tokenizer of {path!r} is empty ({len(tok)} token(s)): its vocabulary files are missing")
+    if vocab is not None and len(tok) > vocab:
+        raise ModelError(f"the tokenizer of {path!r} has {len(tok)} tokens but the model embeds only {vocab} "
+                         "(a tokenizer of another model?)")  # fmt: skip
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(f"the tokenizer of {path!r} has neither a pad nor an eos token")

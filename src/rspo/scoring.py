@@ -17,6 +17,18 @@ Nothing the reward function does (hang, crash, exhaust memory, change global sta
 caller's process. (Workers are fresh processes, not forks of the trainer: a fork per step made the trainer pay a
 copy-on-write fault on every page it wrote afterwards, 13% of an update here.)
 ``timeout_s=None`` calls it in-process (no time bound; errors and non-finite values still caught).
+
+Memory: a reward function may keep memory per distinct input (sympy's cache holds a 26 MB integer for
+each distinct ``2^{50000000+i}``, and freed heap is rarely returned to the system). A worker whose
+resident memory is above ``max_rss_mb`` after a call is replaced by a fresh one, which scores the
+responses still to do: no verdict is lost, and ``Scored.recycled`` counts the replacements (the trainer
+logs ``reward/worker_recycles``, and the time shows in ``time/score``). A worker's address space is
+limited to twice that (a soft ``RLIMIT_AS``), so one call that asks for more gets a MemoryError
+(``reward_error``) instead of growing until the machine kills the run. Resident memory is read from
+``/proc`` (Linux); elsewhere only the address-space limit applies.
+
+A reward is a float64 that the trainer stores in float32: a finite reward beyond float32's range
+(``1e308``) would become inf and NaN downstream, so it is a ``reward_error`` like a non-finite one.
 """
 
 from __future__ import annotations
@@ -39,6 +51,8 @@ from typing import Any
 from rspo.errors import ConfigError
 
 REWARD_ERROR, REWARD_TIMEOUT = "reward_error", "reward_timeout"
+FLOAT32_MAX = 3.4028234663852886e38
+"""Rewards are stored as float32: a larger magnitude is an error, not an overflow to inf."""
 
 
 @dataclass
@@ -49,6 +63,8 @@ class Scored:
     reasons: list[str]
     correct: list[bool]
     messages: dict[str, str] = field(default_factory=dict)
+    recycled: int = 0
+    """Workers replaced because their resident memory went above ``max_rss_mb``."""
 
     @property
     def errors(self) -> int:
@@ -72,6 +88,8 @@ def _call(reward_fn: Any, text: str, item: Any) -> tuple[float, str, bool]:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"the reward must be finite, got {value}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"the reward {value:g} is beyond float32's range (rewards are stored as float32)")
     return value, str(reason), bool(value >= 1.0 if correct is None else correct)
 
 
@@ -92,10 +110,24 @@ def _die_with_parent() -> None:
         pass
 
 
-def _serve(fd: int) -> None:
+def _limit_address_space(mb: int) -> None:
+    """A soft RLIMIT_AS of ``mb`` MiB (soft: a sandbox the reward function starts may set its own)."""
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _serve(fd: int, address_space_mb: int = 0) -> None:
     """A worker (``python -c`` in a fresh interpreter): loads the reward function sent first, then receives
     jobs [(index, text, item), ...] and sends one (index, reward, reason, correct, message) per response."""
     _die_with_parent()
+    if address_space_mb > 0:
+        _limit_address_space(address_space_mb)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     conn = Connection(fd)
     try:
@@ -117,18 +149,27 @@ def _serve(fd: int) -> None:
 
 STARTUP_S = 300.0
 """How long a new worker may take to start (a fresh interpreter importing the task's modules)."""
-_WORKER = "import sys; from rspo.scoring import _serve; _serve(int(sys.argv[1]))"
+_WORKER = "import sys; from rspo.scoring import _serve; _serve(int(sys.argv[1]), int(sys.argv[2]))"
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of process ``pid`` in MiB (from /proc; None where there is none)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _Worker:
     """A scoring process: a fresh interpreter (never a fork of the trainer, never importing its main module),
     in its own session (a timeout kills its whole process group), talking over a socket pair."""
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, address_space_mb: int = 0) -> None:
         mine, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the caller's imports work
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                     env=env, start_new_session=True)  # fmt: skip
+        cmd = [sys.executable, "-c", _WORKER, str(theirs.fileno()), str(address_space_mb)]
+        self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env, start_new_session=True)
         theirs.close()
         self.conn = Connection(mine.detach())
         self.todo: list[int] = []
@@ -163,15 +204,31 @@ class _Worker:
             self.kill()
 
 
+MAX_RSS_MB = 1024.0
+"""Default resident-memory ceiling of a scoring worker, MiB (a fresh one is 30-70 MiB)."""
+MIN_RSS_MB = 128.0
+
+
 class Scorer:
     """Scores responses with ``reward_fn`` in persistent worker processes (see the module docstring)."""
 
-    def __init__(self, reward_fn: Callable | Any, *, timeout_s: float | None = 10.0, workers: int = 1) -> None:
+    def __init__(
+        self,
+        reward_fn: Callable | Any,
+        *,
+        timeout_s: float | None = 10.0,
+        workers: int = 1,
+        max_rss_mb: float | None = MAX_RSS_MB,
+    ) -> None:
         if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if max_rss_mb is not None and not max_rss_mb >= MIN_RSS_MB:
+            raise ValueError(f"max_rss_mb must be >= {MIN_RSS_MB} (a fresh worker's size) or None, got {max_rss_mb}")
         self.reward_fn, self.timeout_s, self.workers = reward_fn, timeout_s, workers
+        self.max_rss_mb = max_rss_mb
+        self._address_space_mb = 0 if max_rss_mb is None else int(2 * max_rss_mb)
         self._payload: bytes | None = None
         self._pool: list[_Worker] = []
 
@@ -204,7 +261,7 @@ class Scorer:
             return out
         payload = self._payload_bytes()
         while len(self._pool) < min(self.workers, n):
-            self._pool.append(_Worker(payload))
+            self._pool.append(self._new_worker(payload))
         busy = []
         for k, w in enumerate(self._pool[: min(self.workers, n)]):
             w.send(list(range(k, n, self.workers)), texts, items, self.timeout_s)
@@ -223,21 +280,34 @@ class Scorer:
                         record(i, *result)
                         w.todo.remove(i)
                         w.deadline = time.monotonic() + self.timeout_s
-                        if not w.todo:
+                        if self._too_big(w):  # replaced now; what it had left goes to a fresh worker
+                            out.recycled += 1
+                            rest = w.todo
+                        elif not w.todo:
                             busy.remove(w)
                 elif time.monotonic() >= w.deadline:
                     record(w.todo[0], 0.0, REWARD_TIMEOUT, False, f"no result within {self.timeout_s:g} s")
                     rest = w.todo[1:]
                 if rest is not None:  # replace the worker; the remaining responses go to the new one
                     w.kill()
-                    busy.remove(w)
+                    if w in busy:
+                        busy.remove(w)
                     self._pool.remove(w)
                     if rest:
-                        fresh = _Worker(payload)
+                        fresh = self._new_worker(payload)
                         self._pool.append(fresh)
                         fresh.send(rest, texts, items, self.timeout_s)
                         busy.append(fresh)
         return out
+
+    def _new_worker(self, payload: bytes) -> _Worker:
+        return _Worker(payload, self._address_space_mb)
+
+    def _too_big(self, w: _Worker) -> bool:
+        if self.max_rss_mb is None:
+            return False
+        rss = rss_mb(w.proc.pid)
+        return rss is not None and rss > self.max_rss_mb
 
     def close(self) -> None:
         for w in self._pool:
@@ -262,7 +332,8 @@ def score(
     *,
     timeout_s: float | None = 10.0,
     workers: int = 1,
+    max_rss_mb: float | None = MAX_RSS_MB,
 ) -> Scored:
     """One-off scoring (workers started and stopped for this call; a trainer keeps a :class:`Scorer`)."""
-    with Scorer(reward_fn, timeout_s=timeout_s, workers=workers) as s:
+    with Scorer(reward_fn, timeout_s=timeout_s, workers=workers, max_rss_mb=max_rss_mb) as s:
         return s.score(texts, items)

@@ -90,6 +90,9 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         if self.name not in list_objectives():
             raise ValueError(f"objective.name={self.name!r}; valid: {', '.join(list_objectives())}")
+        if self.norm_length is not None and not self.norm_length > 0:
+            raise ValueError(f"objective.norm_length must be > 0 (or null for the response length limit), "
+                             f"got {self.norm_length}")  # fmt: skip
         has_agg = "loss_agg" in get_objective(self.name).defaults
         if not has_agg and (self.loss_agg is not None or self.norm_length is not None):
             raise ValueError(f"objective.loss_agg / norm_length do not apply to {self.name!r}")
@@ -157,8 +160,10 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
 
     def __post_init__(self) -> None:
-        if self.prompts_per_step < 1 or self.group_size < 2 or (self.max_new_tokens or 1) < 1:
-            raise ValueError("rollout.prompts_per_step >= 1, group_size >= 2 and max_new_tokens >= 1 required")
+        if self.prompts_per_step < 1 or self.group_size < 2:
+            raise ValueError("rollout.prompts_per_step >= 1 and group_size >= 2 required")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:  # 0 is not "the task's": null is
+            raise ValueError(f"rollout.max_new_tokens must be >= 1 (or null for the task's), got {self.max_new_tokens}")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ValueError("rollout.temperature must be > 0 and top_p in (0, 1]")
 
@@ -215,13 +220,20 @@ class ScoringConfig:
     """Seconds one reward call may take: calls run in a scoring worker process that is killed after this
     (reward 0, counted in reward/timeouts); null = call in-process without a time bound."""
     workers: int = 1
-    """Forked scoring workers (responses interleaved); more helps slow verifiers."""
+    """Scoring worker processes (responses interleaved); more helps slow verifiers."""
+    max_rss_mb: float | None = 1024.0
+    """A worker whose resident memory is above this (MiB) after a call is replaced by a fresh one (no verdict
+    lost; counted in reward/worker_recycles); its address space is capped at twice this; null = no limit."""
 
     def __post_init__(self) -> None:
+        from rspo.scoring import MIN_RSS_MB
+
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"scoring.timeout_s must be > 0 (or null), got {self.timeout_s}")
         if self.workers < 1:
             raise ValueError(f"scoring.workers must be >= 1, got {self.workers}")
+        if self.max_rss_mb is not None and self.max_rss_mb < MIN_RSS_MB:
+            raise ValueError(f"scoring.max_rss_mb must be >= {MIN_RSS_MB:g} (or null), got {self.max_rss_mb}")
 
 
 @dataclass
@@ -339,7 +351,7 @@ class TrainConfig:
     @property
     def max_new_tokens(self) -> int:
         """The response length limit: rollout.max_new_tokens, or the task's."""
-        return self.rollout.max_new_tokens or self.task.max_new_tokens
+        return self.task.max_new_tokens if self.rollout.max_new_tokens is None else self.rollout.max_new_tokens
 
     def routing_options(self) -> RoutingOptions:
         rs = self.router_shift
@@ -356,7 +368,7 @@ class TrainConfig:
         o, rs = self.objective, self.router_shift
         return objective_hparams(
             o.name, clip_low=o.clip_low, clip_high=o.clip_high, loss_agg=o.loss_agg, dual_clip=o.dual_clip,
-            norm_length=o.norm_length or self.max_new_tokens, router_shift=rs.enabled,
+            norm_length=self.max_new_tokens if o.norm_length is None else o.norm_length, router_shift=rs.enabled,
             placement=rs.placement, stop_gradient=rs.stop_gradient, form=rs.form,
             clip_threshold=rs.clip_threshold, clip_drop=rs.clip_drop,
         )  # fmt: skip

@@ -61,11 +61,12 @@ class RolloutBatch:
     prompt_len: int  # P
     response_mask: Tensor  # (B, T) float, 1 on response tokens incl. the stop token
     texts: list[str]  # (B,)
-    rewards: Tensor | None = None  # (B,)
+    rewards: Tensor | None = None  # (B,) float64
     reasons: list[str] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     advantages: Tensor | None = None  # (B,)
     zero_spread: float = 0.0  # share of groups whose rewards are all equal
+    worker_recycles: int = 0  # scoring workers replaced for their memory while scoring this batch
     loss_mask: Tensor | None = None  # (B, T) response mask without dropped groups
     order: Tensor | None = None  # (B,) row order of the first epoch's mini-batches (the old pass's)
     rollout_log_probs: Tensor | None = None  # (B, T) the sampler's, at the rollout temperature (if it reports them)
@@ -148,7 +149,7 @@ class Trainer:
         """Task, policy (device, dtype), sampler, routing step and optimizer; the reference policy for KL."""
         cfg = self.cfg
         self.task = make_task(cfg.task.name, cfg.task.parsed)
-        self.scorer = Scorer(self.task, timeout_s=cfg.scoring.timeout_s, workers=cfg.scoring.workers)
+        self.scorer = self._new_scorer()
         self.val_split = cfg.eval_split or (self.task.eval_splits() or [None])[0]
         if cfg.eval_every and self.val_split not in self.task.eval_splits():
             raise ConfigError(
@@ -231,8 +232,12 @@ class Trainer:
         """The scoring workers, for the current task (a task replaced on the trainer gets new workers)."""
         if self.scorer.reward_fn is not self.task:
             self.scorer.close()
-            self.scorer = Scorer(self.task, timeout_s=self.cfg.scoring.timeout_s, workers=self.cfg.scoring.workers)
+            self.scorer = self._new_scorer()
         return self.scorer
+
+    def _new_scorer(self) -> Scorer:
+        s = self.cfg.scoring
+        return Scorer(self.task, timeout_s=s.timeout_s, workers=s.workers, max_rss_mb=s.max_rss_mb)
 
     def score_and_advantages(self, b: RolloutBatch) -> None:
         scored = self._scorer().score(b.texts, b.examples)
@@ -240,11 +245,13 @@ class Trainer:
             if why not in self._reward_messages:  # the first error of each kind, once per run
                 self._reward_messages.add(why)
                 tqdm.write(f"step {self.step + 1}: {why} (first of this run; reward 0, counted): {msg}")
-        b.rewards = torch.tensor(scored.rewards, device=self.device)
-        b.reasons, b.correct = scored.reasons, scored.correct
-        b.advantages, zero = group_advantages(b.rewards, self.cfg.rollout.group_size, self.cfg.advantage)
+        # float64: a group's spread of rewards near float32's limit (the scorer's bound) must not overflow
+        b.rewards = torch.tensor(scored.rewards, dtype=torch.float64, device=self.device)
+        b.reasons, b.correct, b.worker_recycles = scored.reasons, scored.correct, scored.recycled
+        adv, zero = group_advantages(b.rewards, self.cfg.rollout.group_size, self.cfg.advantage)
+        b.advantages = adv.float()  # (B,) the loss's dtype
         b.zero_spread = float(zero.float().mean())
-        keep = torch.ones_like(b.rewards)
+        keep = torch.ones_like(b.advantages)
         if self.cfg.drop_zero_spread:
             keep = (~zero).float().repeat_interleave(self.cfg.rollout.group_size)
         b.loss_mask = b.response_mask * keep[:, None]
@@ -374,6 +381,7 @@ class Trainer:
             "reward/accuracy": sum(b.correct) / len(b.correct),
             "reward/errors": float(sum(r in (REWARD_ERROR, REWARD_TIMEOUT) for r in b.reasons)),
             "reward/timeouts": float(sum(r == REWARD_TIMEOUT for r in b.reasons)),
+            "reward/worker_recycles": float(b.worker_recycles),
             "reward/zero_spread_groups": b.zero_spread,
             "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
             **b.rollout_stats,

@@ -6,6 +6,7 @@ loss. Runs in verl's environment (``make test-verl``: verl 0.9.x with its transf
 from __future__ import annotations
 
 import functools
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -307,8 +308,11 @@ def test_gradient_checkpointing_records_once(model):
 def gloo():
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    if not dist.is_initialized():  # a free port: a fixed one can be taken (TIME_WAIT, another run)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

@@ -41,6 +41,7 @@ set a value (or None for TRL's behaviour) to add it as TRL does.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import typing
 from collections.abc import Sequence
@@ -305,6 +306,31 @@ def check_trl_internals(cls: type = GRPOTrainer) -> None:
         )
 
 
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_EXIT_HOOK: list[bool] = []
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, while it is still alive (idempotent).
+
+    Without it, gloo's worker threads can still hold finished work (tensors with Python references) when
+    the interpreter is torn down; releasing them then needs the GIL and aborts the process with
+    "terminate called without an active exception" (SIGABRT), one two-process run in a few on a loaded
+    machine (pytorch issue 190489). accelerate destroys the group only in ``end_training()``, which
+    transformers' Trainer never calls. Registered after a successful ``train()`` only: after a failure a
+    peer may still be inside a collective.
+    """
+    if not _EXIT_HOOK:
+        atexit.register(_destroy_process_group)
+        _EXIT_HOOK.append(True)
+
+
 class RSPOTrainer(GRPOTrainer):
     """GRPOTrainer whose loss is any rspo objective, with router shift from real router probabilities."""
 
@@ -323,6 +349,12 @@ class RSPOTrainer(GRPOTrainer):
         self._hparams = self.args.objective_hparams()
         self._router_mode: str | None = None
         self._old = None
+
+    def train(self, *args: Any, **kwargs: Any):
+        """transformers' ``train``, then :func:`destroy_process_group_at_exit`."""
+        out = super().train(*args, **kwargs)
+        destroy_process_group_at_exit()
+        return out
 
     # -------------------------------------------------------------- the forward, with router hooks
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):

@@ -12,13 +12,23 @@ Data: local JSONL or Parquet files, one problem per row, in either of the two fo
 ``builtin:math/NAME`` names a file shipped with rspo (``src/rspo/tasks/data/math/``): a hand-written
 sample set in both formats and synthetic arithmetic for the tiny example.
 
-Grading: the content of the last ``\\boxed{...}`` of the response (``no_answer`` without one) is
-compared with the ground truth by math-verify (sympy; equal values, fractions, decimals, intervals,
-sets, expressions), with its own time limits, and by a normalised string comparison when
-math-verify cannot parse either side. Percent signs are dropped first (``50\\%`` = ``50``, as the
-MATH grader does). Nothing is ever evaluated with ``eval``. A user's reward function can replace
-the grader: ``reward_fn: my_pkg.module:function`` called as ``function(response, example)``,
-returning a float (correct when >= 1) or a :class:`~rspo.tasks.Verdict`.
+Grading (the contract; docs/grading.md has it with examples):
+
+- The answer is the argument of the last ``\\boxed`` (or ``\\fbox``) of the response, as TeX reads it: a
+  braced group, or one token without braces (``\\boxed 5``). No box, or unbalanced braces (a truncated
+  response): ``no_answer``. An answer longer than ``max_answer_chars`` is wrong unparsed.
+- Normalised before comparing: percent signs (``50\\%`` = ``50``, as the MATH grader), ``\\left``/``\\right``,
+  spacing commands, ``$``, degrees, ``\\dfrac``/``\\tfrac``, ``\\text{}`` wrappers, a trailing period.
+- Equal when the normal forms are equal, or math-verify (sympy, with its own time limits) finds the values
+  equal: fractions, decimals, intervals, sets, expressions, units in text dropped.
+- Never correct: an equation whose sides disagree (``6 = 5``, ``1 = 2 = 5``) when the truth is not an
+  equation; only a plain assignment (``x = 5``) counts as its value, and every other side must agree
+  with the last. An answer with a free variable when the truth has none (``\\frac{5x}{x}`` for ``5``). A
+  number in another base: a subscript base (``1011_2``) is part of the value, the base must match, and
+  a bare numeral is read in the other side's base (``1011`` is ``1011_2``).
+- Nothing is ever evaluated with ``eval``. A user's reward function can replace the grader:
+  ``reward_fn: my_pkg.module:function`` called as ``function(response, example)``, returning a float
+  (correct when >= 1) or a :class:`~rspo.tasks.Verdict`.
 """
 
 from __future__ import annotations
@@ -143,24 +153,51 @@ def load_examples(path: str, instruction: str = DEFAULT_INSTRUCTION, prompt_form
 # ----------------------------------------------------------------------------------------
 # Grading
 # ----------------------------------------------------------------------------------------
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces, else None.
+_BOX_NAMES = ("\\boxed", "\\fbox")
+_CONTROL_SEQUENCE = re.compile(r"\\(?:[A-Za-z]+|.)", flags=re.DOTALL)
 
-    One scan from the last opening: linear in the length of the text.
+
+def _last_box_end(text: str) -> int:
+    """Index just after the name of the last ``\\boxed`` / ``\\fbox`` command (not ``\\boxedsep``), or -1."""
+    best = -1
+    for name in _BOX_NAMES:
+        j = len(text)
+        while (j := text.rfind(name, 0, j)) >= 0:
+            k = j + len(name)
+            if k >= len(text) or not text[k].isalpha():  # a longer command name is another command
+                best = max(best, k)
+                break
+    return best
+
+
+def last_boxed(text: str) -> str | None:
+    """The argument of the last ``\\boxed`` (or ``\\fbox``), else None.
+
+    As TeX reads it: a braced group (balanced braces), or without braces one token, a character or a
+    control sequence (``\\boxed 5`` is ``5``, ``\\boxed\\pi`` is ``\\pi``). Unbalanced braces (a truncated
+    response) give None. One scan from the last opening: linear in the length of the text.
     """
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
+    i = _last_box_end(text)
+    if i < 0:
         return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
+    while i < len(text) and text[i] in " \t\n":
+        i += 1
+    if i >= len(text) or text[i] == "}":
+        return None
+    if text[i] == "\\":  # a control sequence: a letter run, or one symbol
+        m = _CONTROL_SEQUENCE.match(text, i)
+        return m.group(0) if m else None
+    if text[i] != "{":
+        return text[i]
+    depth, start = 1, i + 1
+    for j in range(start, len(text)):
         c = text[j]
         if c == "{":
             depth += 1
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[i:j]
+                return text[start:j]
     return None  # unbalanced: a truncated response
 
 
@@ -184,8 +221,78 @@ def _drop_percent(s: str) -> str:
     return s.replace("\\%", "").replace("%", "").strip()
 
 
+_OPEN, _CLOSE = "({[", ")}]"
+
+
+def equation_sides(s: str) -> list[str]:
+    """``s`` split at its top-level ``=`` signs (outside brackets and braces; ``<=``, ``>=``, ``!=`` and ``==``
+    are not equations): one element when ``s`` is not an equation."""
+    sides, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        if c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            depth = max(0, depth - 1)
+        elif c == "=" and depth == 0:
+            before, after = s[i - 1 : i], s[i + 1 : i + 2]
+            if before not in ("<", ">", "!", "=") and after != "=":
+                sides.append(s[start:i])
+                start = i + 1
+    return [*sides, s[start:]]
+
+
+_VARIABLE = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?[A-Za-z0-9]+\}?)?$")
+_BASED = re.compile(r"^\(?([0-9A-Za-z]+)\)?_\{?\(?([0-9]+)\)?\}?$")
+_DIGITS = re.compile(r"^[0-9A-Za-z]+$")
+
+
+def is_variable(s: str) -> bool:
+    """A plain variable name (``x``, ``y_1``, ``a_{n}``, ``\\theta``): the left side of an assignment."""
+    return bool(_VARIABLE.match(s.replace(" ", "")))
+
+
+def based_number(s: str) -> tuple[str, int] | None:
+    """``(digits, base)`` of a number written with a subscript base (``1011_2``, ``(1011)_{2}``, ``FF_{16}``),
+    else None. Digits hold a decimal digit or are upper-case letters (``x_{10}`` is a variable), each below
+    the base; bases 2 to 36."""
+    m = _BASED.match(normalize_answer(s))
+    if m is None:
+        return None
+    digits, base = m.group(1), int(m.group(2))
+    if not 2 <= base <= 36 or not (any(c.isdigit() for c in digits) or digits.isupper()):
+        return None
+    try:
+        int(digits, base)
+    except ValueError:
+        return None
+    return digits, base
+
+
+def _based_equal(answer: str, truth: str) -> bool | None:
+    """With a subscript base on either side: whether both denote the same number in the same base (a side
+    without a base is read in the other's), else None (no base anywhere: compare otherwise)."""
+    a, t = based_number(answer), based_number(truth)
+    if a is None and t is None:
+        return None
+    if a is not None and t is not None:
+        return a[1] == t[1] and int(a[0], a[1]) == int(t[0], t[1])
+    digits, (_, base) = normalize_answer(truth if t is None else answer), (a or t)
+    if not _DIGITS.match(digits):
+        return False
+    try:
+        return int(digits, base) == int((a or t)[0], base)
+    except ValueError:  # a digit the base does not have
+        return False
+
+
+def _free_symbols(expr: Any) -> set:
+    symbols = getattr(expr, "free_symbols", None)
+    return symbols if isinstance(symbols, set) else set()
+
+
 class MathGrader:
-    """``correct(answer, ground_truth)``: math-verify equivalence, or equal normal forms."""
+    """``correct(answer, ground_truth)``: math-verify equivalence, or equal normal forms, under the grading
+    contract of the module docstring (equations, free variables, bases)."""
 
     def __init__(self, use_math_verify: bool = True, timeout_s: int = 5, max_chars: int = 1000) -> None:
         self.timeout_s, self.max_chars = timeout_s, max_chars
@@ -221,13 +328,32 @@ class MathGrader:
         if len(answer) > self.max_chars:
             return False
         a, t = _drop_percent(answer), _drop_percent(truth)
+        based = _based_equal(a, t)
+        if based is not None:
+            return based
+        sides = equation_sides(a)
+        if len(sides) > 1 and len(equation_sides(t)) == 1:
+            # An equation for a non-equation truth: a plain assignment (x = 5) counts as its value; otherwise
+            # every side must equal the last one (6 = 5 or 1 = 2 = 5 is no hedge that pays).
+            if is_variable(sides[0]):
+                sides = sides[1:]
+            if any(is_variable(s) or not self._equal(s, sides[-1]) for s in sides[:-1]):
+                return False
+            a = sides[-1]
+        return self._equal(a, t)
+
+    def _equal(self, a: str, t: str) -> bool:
         if normalize_answer(a) == normalize_answer(t):
             return True
         if self._mv is None:
             return False
         try:
             gold, pred = self._parse(t), self._parse(a)
-            return bool(gold and pred and self._mv.verify(gold, pred, timeout_seconds=self.timeout_s))
+            if not (gold and pred):
+                return False
+            if _free_symbols(pred[0]) and not _free_symbols(gold[0]):
+                return False  # a variable left in the answer to a number (5x/x for 5) is not that number
+            return bool(self._mv.verify(gold, pred, timeout_seconds=self.timeout_s))
         except Exception:  # sympy on hostile input: anything can go wrong; it is simply not a match
             return False
 
