@@ -20,8 +20,10 @@ from rspo.scoring import Scorer
 from rspo.tasks import make_task
 from rspo.tasks.code import CodeExample
 
-TESTS = [{"kind": "stdio", "input": f"{a} {b}\n", "output": f"{a + b}\n"} for a, b in
-         ((1, 2), (3, 4), (-5, 5), (100, 250), (7, 0))]  # fmt: skip
+TESTS = [
+    {"kind": "stdio", "input": f"{a} {b}\n", "output": f"{a + b}\n"}
+    for a, b in ((1, 2), (3, 4), (-5, 5), (100, 250), (7, 0))
+]
 PROGRAM = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
 
 
@@ -43,18 +45,24 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--pairs", type=int, default=2)
     a = ap.parse_args()
-    print(f"# {platform.node()} {platform.machine()}, {os.cpu_count()} cores; {a.responses} responses x {len(TESTS)} "
-          f"tests; isolation: {'; '.join(isolation()[3:]) or 'rlimits only'}")  # fmt: skip
+    print(
+        f"# {platform.node()} {platform.machine()}, {os.cpu_count()} cores; {a.responses} responses x {len(TESTS)} "
+        f"tests; isolation: {'; '.join(isolation()[3:]) or 'rlimits only'}"
+    )
     serial, par = [], []
     for i in range(a.pairs):
         serial.append(run(1, a.responses))
         par.append(run(a.parallel, a.responses))
-        print(f"pair {i + 1}: serial {serial[-1]:.1f} s   parallel={a.parallel} {par[-1]:.1f} s   "
-              f"speedup {serial[-1] / par[-1]:.2f}")  # fmt: skip
+        print(
+            f"pair {i + 1}: serial {serial[-1]:.1f} s   parallel={a.parallel} {par[-1]:.1f} s   "
+            f"speedup {serial[-1] / par[-1]:.2f}"
+        )
     n_runs = a.responses * len(TESTS)
-    print(f"median: serial {statistics.median(serial):.1f} s ({statistics.median(serial) / n_runs * 1000:.0f} ms per "
-          f"program run), parallel {statistics.median(par):.1f} s, speedup "
-          f"{statistics.median(s / p for s, p in zip(serial, par, strict=True)):.2f}")  # fmt: skip
+    print(
+        f"median: serial {statistics.median(serial):.1f} s ({statistics.median(serial) / n_runs * 1000:.0f} ms per "
+        f"program run), parallel {statistics.median(par):.1f} s, speedup "
+        f"{statistics.median(s / p for s, p in zip(serial, par, strict=True)):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Three ways to get log p(response token) and its gradient from one mini-batch, each measured in a fresh
 subprocess as the rise of its peak resident memory (Linux VmHWM, reset before the step):
 
-- rspo:    ``rspo.policy.response_log_probs``: the output layer fused into a chunked log-prob op (no
+- rspo:    ``rspo.logprobs.response_log_probs``: the output layer fused into a chunked log-prob op (no
            (B, T, V) tensor in forward or backward; entropy from the same chunks, no graph)
 - keep:    ``logits_to_keep`` (logits at the response positions only) + log_softmax + gather
 - naive:   full-sequence logits + log_softmax + gather (what a straightforward trainer does)
@@ -27,7 +27,7 @@ import torch
 CHILD = r"""
 import json, sys, torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-from rspo.policy import response_log_probs
+from rspo.logprobs import response_log_probs
 mode, v, b, p, t = sys.argv[1], *map(int, sys.argv[2:6])
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -68,12 +68,18 @@ def main() -> None:
     ap.add_argument("--response", type=int, default=256)
     a = ap.parse_args()
     logits_mb = a.batch * a.response * a.vocab * 4 / 2**20
-    print(f"# {platform.node()} {platform.machine()}, torch {torch.__version__}; V={a.vocab:,} B={a.batch} "
-          f"P={a.prompt} T={a.response}; one mini-batch of float32 response logits = {logits_mb:,.0f} MiB")  # fmt: skip
+    print(
+        f"# {platform.node()} {platform.machine()}, torch {torch.__version__}; V={a.vocab:,} B={a.batch} "
+        f"P={a.prompt} T={a.response}; one mini-batch of float32 response logits = {logits_mb:,.0f} MiB"
+    )
     results = {}
     for mode in ("rspo", "keep", "naive"):
-        r = subprocess.run([sys.executable, "-c", CHILD, mode, str(a.vocab), str(a.batch), str(a.prompt),
-                            str(a.response)], capture_output=True, text=True, check=True)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-c", CHILD, mode, str(a.vocab), str(a.batch), str(a.prompt), str(a.response)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[mode] = json.loads(r.stdout.strip().splitlines()[-1])
         peak = results[mode]["peak"] / 2**20
         print(f"{mode:6s} peak rise {peak:8,.0f} MiB = {peak / logits_mb:5.2f} x the mini-batch logits")

@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from rspo.models import build_model
+from rspo.lab.presets import build_model
 from rspo.routing import MoERouters
 
 

@@ -21,21 +21,31 @@ from pathlib import Path
 
 import torch
 
+from rspo.assets import policy_dir
 from rspo.config import build
-from rspo.policy import E8K1_BASE_DIR
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 
 
 def make(name: str, model: str, work: Path) -> Trainer:
-    cfg = build(TrainConfig, {"model": model, "out_dir": str(work / name), "steps": 10**6, "eval_every": 0,
-                              "checkpoint_every": 10**6, "log_router": False, "objective": {"name": name},
-                              "optim": {"lr": 1e-5}})  # fmt: skip
+    cfg = build(
+        TrainConfig,
+        {
+            "model": model,
+            "out_dir": str(work / name),
+            "steps": 10**6,
+            "eval_every": 0,
+            "checkpoint_every": 10**6,
+            "log_router": False,
+            "objective": {"name": name},
+            "optim": {"lr": 1e-5},
+        },
+    )
     return Trainer(cfg, progress=False)
 
 
 def one_step(tr: Trainer, step: int) -> tuple[dict[str, float], int, int]:
-    tr.step = step  # same prompts and sampling seed for both trainers at this step
+    tr.state.step = step  # same prompts and sampling seed for both trainers at this step
     t = [time.perf_counter()]
     b = tr.rollout()
     t.append(time.perf_counter())
@@ -56,7 +66,7 @@ def one_step(tr: Trainer, step: int) -> tuple[dict[str, float], int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--model", default=str(E8K1_BASE_DIR))
+    ap.add_argument("--model", default=str(policy_dir("countdown-base")))
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp())

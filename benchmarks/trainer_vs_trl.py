@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from rspo.assets import policy_dir
 from rspo.config import build
-from rspo.policy import E8K1_BASE_DIR, load_policy
+from rspo.policy import load_policy
 from rspo.rundir import read_metrics
 from rspo.tasks import make_task
 from rspo.train_config import TrainConfig
@@ -35,11 +36,21 @@ PROMPTS, GROUP, NEW_TOKENS, MINI = 16, 8, 32, 64
 
 def run_ours(model_dir: str, steps: int, work: Path) -> float:
     out = work / f"ours-{time.time_ns()}"
-    cfg = build(TrainConfig, {"model": model_dir, "out_dir": str(out), "steps": steps, "mini_batch_size": MINI,
-                              "eval_every": 0, "checkpoint_every": 10**6, "log_router": False,
-                              "objective": {"name": "grpo"}, "optim": {"lr": 1e-5},
-                              "rollout": {"prompts_per_step": PROMPTS, "group_size": GROUP,
-                                          "max_new_tokens": NEW_TOKENS}})  # fmt: skip
+    cfg = build(
+        TrainConfig,
+        {
+            "model": model_dir,
+            "out_dir": str(out),
+            "steps": steps,
+            "mini_batch_size": MINI,
+            "eval_every": 0,
+            "checkpoint_every": 10**6,
+            "log_router": False,
+            "objective": {"name": "grpo"},
+            "optim": {"lr": 1e-5},
+            "rollout": {"prompts_per_step": PROMPTS, "group_size": GROUP, "max_new_tokens": NEW_TOKENS},
+        },
+    )
     tr = Trainer(cfg, progress=False)
     t0 = time.perf_counter()
     tr.train()
@@ -61,17 +72,32 @@ def run_trl(model_dir: str, steps: int, work: Path) -> float:
     problems = task.train_examples(seed=1)
     rows = [next(problems) for _ in range(PROMPTS * steps)]
     data, countdown_reward = task_dataset(task, rows), task_reward_func(task, rows)
-    args = GRPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False,
-                      per_device_train_batch_size=MINI, steps_per_generation=PROMPTS * GROUP // MINI,
-                      num_generations=GROUP, max_completion_length=NEW_TOKENS,
-                      max_steps=steps * PROMPTS * GROUP // MINI,
-                      learning_rate=1e-5, beta=0.0, loss_type="grpo", temperature=1.0, logging_steps=1,
-                      router_aux_loss_coef=0.0,
-                      report_to=[], save_strategy="no", shuffle_dataset=False, seed=0)  # fmt: skip
+    args = GRPOConfig(
+        output_dir=str(work / "trl"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=MINI,
+        steps_per_generation=PROMPTS * GROUP // MINI,
+        num_generations=GROUP,
+        max_completion_length=NEW_TOKENS,
+        max_steps=steps * PROMPTS * GROUP // MINI,
+        learning_rate=1e-5,
+        beta=0.0,
+        loss_type="grpo",
+        temperature=1.0,
+        logging_steps=1,
+        router_aux_loss_coef=0.0,
+        report_to=[],
+        save_strategy="no",
+        shuffle_dataset=False,
+        seed=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = GRPOTrainer(model=model, reward_funcs=countdown_reward, args=args, train_dataset=data,
-                              processing_class=tok)  # fmt: skip
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=countdown_reward, args=args, train_dataset=data, processing_class=tok
+        )
         t0 = time.perf_counter()
         trainer.train()
         dt = time.perf_counter() - t0
@@ -85,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="rollout batches per run")
     ap.add_argument("--pairs", type=int, default=2)
-    ap.add_argument("--model", default=str(E8K1_BASE_DIR))
+    ap.add_argument("--model", default=str(policy_dir("countdown-base")))
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(

@@ -20,30 +20,56 @@ import warnings
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from rspo.assets import policy_dir
 from rspo.integrations.trl import RSPOConfig, RSPOTrainer, task_dataset, task_reward_func
-from rspo.policy import E8K1_BASE_DIR, load_policy
+from rspo.policy import load_policy
 from rspo.tasks import make_task
 
 
 def run(kind: str, steps: int) -> tuple[float, int]:
-    policy = load_policy(E8K1_BASE_DIR)
+    policy = load_policy(policy_dir("countdown-base"))
     model, tok = policy.model, policy.tokenizer
     task = make_task("countdown")
     stream = task.train_examples(seed=1)
     rows = [next(stream) for _ in range(8 * steps)]
     data, reward_fn = task_dataset(task, rows), task_reward_func(task, rows)
-    common = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, gradient_checkpointing=False,
-                  per_device_train_batch_size=64, steps_per_generation=2, num_generations=8, max_completion_length=32,
-                  learning_rate=1e-5, beta=0.0, router_aux_loss_coef=0.0, max_steps=steps, logging_steps=1,
-                  report_to=[], save_strategy="no", seed=0, shuffle_dataset=False)  # fmt: skip
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=64,
+        steps_per_generation=2,
+        num_generations=8,
+        max_completion_length=32,
+        learning_rate=1e-5,
+        beta=0.0,
+        router_aux_loss_coef=0.0,
+        max_steps=steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        shuffle_dataset=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "grpo":
-            tr = GRPOTrainer(model=model, reward_funcs=reward_fn, args=GRPOConfig(**common, loss_type="grpo"),
-                             train_dataset=data, processing_class=tok)  # fmt: skip
+            tr = GRPOTrainer(
+                model=model,
+                reward_funcs=reward_fn,
+                args=GRPOConfig(**common, loss_type="grpo"),
+                train_dataset=data,
+                processing_class=tok,
+            )
         else:
-            tr = RSPOTrainer(model=model, reward_funcs=reward_fn, args=RSPOConfig(**common, objective="rspo"),
-                             train_dataset=data, processing_class=tok)  # fmt: skip
+            tr = RSPOTrainer(
+                model=model,
+                reward_funcs=reward_fn,
+                args=RSPOConfig(**common, objective="rspo"),
+                train_dataset=data,
+                processing_class=tok,
+            )
         t0 = time.perf_counter()
         tr.train()
         dt = time.perf_counter() - t0

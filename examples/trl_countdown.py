@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+from rspo.assets import BASE, policy_dir
 from rspo.integrations.trl import RSPOConfig, RSPOTrainer, task_dataset, task_reward_func
-from rspo.policy import BASE_POLICY_DIR, load_policy
+from rspo.policy import load_policy
 from rspo.tasks import make_task
 
 
@@ -23,21 +24,39 @@ def main() -> None:
     ap.add_argument("--objective", default="rspo")
     args = ap.parse_args()
 
-    policy = load_policy(BASE_POLICY_DIR)
+    policy = load_policy(policy_dir(BASE))
     task = make_task("countdown", {"score_format": 0.0})  # correctness-only reward, as the demo
     stream = task.train_examples(seed=0)
     problems = [next(stream) for _ in range(16 * args.steps)]
     data, countdown_reward = task_dataset(task, problems), task_reward_func(task, problems)
 
     config = RSPOConfig(
-        output_dir=tempfile.mkdtemp(), objective=args.objective, router_shift_gamma_min=0.5,
-        use_cpu=True, bf16=False, gradient_checkpointing=False,  # CPU settings
-        per_device_train_batch_size=32, steps_per_generation=2, num_generations=4, max_completion_length=32,
-        temperature=0.7, learning_rate=1e-4, beta=0.0, router_aux_loss_coef=0.0,
-        max_steps=args.steps, logging_steps=1, report_to=[], save_strategy="no",
-    )  # fmt: skip
-    trainer = RSPOTrainer(model=policy.model, reward_funcs=countdown_reward, args=config, train_dataset=data,
-                          processing_class=policy.tokenizer)  # fmt: skip
+        output_dir=tempfile.mkdtemp(),
+        objective=args.objective,
+        router_shift_gamma_min=0.5,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,  # CPU settings
+        per_device_train_batch_size=32,
+        steps_per_generation=2,
+        num_generations=4,
+        max_completion_length=32,
+        temperature=0.7,
+        learning_rate=1e-4,
+        beta=0.0,
+        router_aux_loss_coef=0.0,
+        max_steps=args.steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+    )
+    trainer = RSPOTrainer(
+        model=policy.model,
+        reward_funcs=countdown_reward,
+        args=config,
+        train_dataset=data,
+        processing_class=policy.tokenizer,
+    )
     trainer.train()
     for h in trainer.state.log_history:
         if "router/gamma_mean" in h:

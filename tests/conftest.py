@@ -46,12 +46,24 @@ def tiny_moe_and_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> str:
     """A tiny Qwen3-MoE pretrained a few seconds on Countdown: it writes answer tags, so rewards vary."""
-    from rspo.pretrain import PretrainConfig, pretrain
+    from rspo.lab.pretrain import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("policy") / "tiny"
-    pretrain(PretrainConfig(preset="tiny-qwen3-moe", out_dir=str(out), steps=80, batch_size=32, lr=3e-3,
-                            warmup_steps=10, eval_every=0, final_eval=False, shuffle_buffer=64, threads=1),
-             progress=False)  # fmt: skip
+    pretrain(
+        PretrainConfig(
+            preset="tiny-qwen3-moe",
+            out_dir=str(out),
+            steps=80,
+            batch_size=32,
+            lr=3e-3,
+            warmup_steps=10,
+            eval_every=0,
+            final_eval=False,
+            shuffle_buffer=64,
+            threads=1,
+        ),
+        progress=False,
+    )
     return str(out)
 
 
@@ -61,7 +73,7 @@ FAMILIES = ["tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral", "tiny-olmoe", "t
 @pytest.fixture(scope="session")
 def bpe():
     """The byte-level BPE tokenizer with a ChatML template, trained here on the shipped math text."""
-    from rspo.tokenizer import build_bpe_tokenizer
+    from rspo.lab.tokenizer import build_bpe_tokenizer
 
     return build_bpe_tokenizer()
 
@@ -70,7 +82,7 @@ def bpe():
 def family_dirs(bpe, tmp_path_factory) -> dict[str, str]:
     """A saved tiny random model of each MoE family with the BPE tokenizer (eos = <|im_end|>, and a second
     stop id in the generation config, as Qwen3 has)."""
-    from rspo.models import build_model
+    from rspo.lab.presets import build_model
 
     out = {}
     for preset in FAMILIES:

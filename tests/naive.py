@@ -77,8 +77,20 @@ def seq_weight(weights, b, ts, reduce="geometric"):
     return math.exp(sum(math.log(weights[b][t]) for t in ts) / len(ts))
 
 
-def gspo(lp, old, adv, mask, gamma=None, *, clip_low=3e-4, clip_high=4e-4, placement="after_clip", dual_clip=None,
-         weights=None, reduce="geometric"):  # fmt: skip
+def gspo(
+    lp,
+    old,
+    adv,
+    mask,
+    gamma=None,
+    *,
+    clip_low=3e-4,
+    clip_high=4e-4,
+    placement="after_clip",
+    dual_clip=None,
+    weights=None,
+    reduce="geometric",
+):
     out = []
     for b, ts in enumerate(_rows(mask)):
         if not ts:
@@ -96,8 +108,20 @@ def gspo(lp, old, adv, mask, gamma=None, *, clip_low=3e-4, clip_high=4e-4, place
     return sum(out) / len(out)
 
 
-def gmpo(lp, old, adv, mask, gamma=None, *, clip_low=0.4, clip_high=0.4, placement="after_clip", form="weight",
-         weights=None, reduce="geometric"):  # fmt: skip
+def gmpo(
+    lp,
+    old,
+    adv,
+    mask,
+    gamma=None,
+    *,
+    clip_low=0.4,
+    clip_high=0.4,
+    placement="after_clip",
+    form="weight",
+    weights=None,
+    reduce="geometric",
+):
     out = []
     for b, ts in enumerate(_rows(mask)):
         if not ts:

@@ -32,7 +32,7 @@ def test_console_script_entry_point():
 
 
 def test_models_lists_presets_with_counts(capsys):
-    from rspo.models import list_presets
+    from rspo.lab.presets import list_presets
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out

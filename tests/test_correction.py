@@ -33,8 +33,15 @@ def test_token_truncate_and_mask_by_hand():
     assert m["rollout/masked_frac"] == pytest.approx(2 / 3, abs=1e-12)
     # without a correction: the token ratios and the token metrics alone, the same hand values
     diag = mismatch_metrics(old, roll, mask)
-    assert set(diag) == {"rollout/ratio_min", "rollout/ratio_mean", "rollout/ratio_max", "rollout/logp_diff_mean",
-                         "rollout/logp_diff_max", "rollout/kl_k3", "rollout/nan_tokens"}  # fmt: skip
+    assert set(diag) == {
+        "rollout/ratio_min",
+        "rollout/ratio_mean",
+        "rollout/ratio_max",
+        "rollout/logp_diff_mean",
+        "rollout/logp_diff_max",
+        "rollout/kl_k3",
+        "rollout/nan_tokens",
+    }
     assert (diag["rollout/ratio_min"], diag["rollout/ratio_max"]) == pytest.approx((0.5, 3.0), abs=1e-12)
     assert diag["rollout/ratio_mean"] == pytest.approx(5 / 3, abs=1e-12)
     assert diag["rollout/kl_k3"] == pytest.approx(k3, abs=1e-12)

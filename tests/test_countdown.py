@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rspo.lab.tokenizer import build_char_tokenizer
 from rspo.tasks.countdown import (
     DATA_DIR,
     CountdownReward,
@@ -27,7 +28,6 @@ from rspo.tasks.countdown import (
     reachable_targets,
     solve,
 )
-from rspo.tokenizer import build_char_tokenizer
 
 
 # ---------------------------------------------------------------------------------------- solver

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from rspo.config import build
-from rspo.drift import DriftConfig, run_drift, summarize_run, write_drift_report
+from rspo.lab.drift import DriftConfig, run_drift, write_drift_report
+from rspo.lab.metrics import drift_summary
 from rspo.routing import GAMMA_EDGES
 
 
@@ -17,28 +18,51 @@ def test_summarize_run_pools_histograms():
     h2 = [0] * len(GAMMA_EDGES)
     h2[GAMMA_EDGES.index(0.9)] = 3  # three tokens in [0.9, 0.92)
     h2[GAMMA_EDGES.index(0.5)] = 2  # two in [0.5, 0.6)
-    rows = [{"step": 1, "offpolicy/gamma_hist": h1, "offpolicy/router_gamma_mean": 1.0,
-             "offpolicy/router_non_shifted_ratio": 1.0, "offpolicy/router_keep_layer0": 1.0,
-             "offpolicy/router_shift_layer0": 0.0},
-            {"step": 2, "offpolicy/gamma_hist": h2, "offpolicy/router_gamma_mean": 0.8,
-             "offpolicy/router_non_shifted_ratio": 0.5, "offpolicy/router_keep_layer0": 0.5,
-             "offpolicy/router_shift_layer0": 0.2}]  # fmt: skip
-    s = summarize_run(rows)
+    rows = [
+        {
+            "step": 1,
+            "offpolicy/gamma_hist": h1,
+            "offpolicy/router_gamma_mean": 1.0,
+            "offpolicy/router_non_shifted_ratio": 1.0,
+            "offpolicy/router_keep_layer0": 1.0,
+            "offpolicy/router_shift_layer0": 0.0,
+        },
+        {
+            "step": 2,
+            "offpolicy/gamma_hist": h2,
+            "offpolicy/router_gamma_mean": 0.8,
+            "offpolicy/router_non_shifted_ratio": 0.5,
+            "offpolicy/router_keep_layer0": 0.5,
+            "offpolicy/router_shift_layer0": 0.2,
+        },
+    ]
+    s = drift_summary(rows)
     assert s["tokens"] == 10 and s["below_0.95"] == pytest.approx(0.5) and s["below_0.9"] == pytest.approx(0.2)
     assert s["keep_all"] == pytest.approx(0.75) and s["keep_layer"] == [0.75] and s["shift_layer"] == [0.1]
     assert s["gamma_mean"] == pytest.approx(0.9) and s["p50"] == pytest.approx(0.92, abs=1e-12)
 
 
 def test_tiny_atlas_runs_and_reports(tmp_path):
-    cfg = build(DriftConfig, {
-        "out_dir": str(tmp_path / "atlas"), "parallel": 2, "entropy_problems": 8,
-        "pretrain": ["steps=20", "batch_size=16", "eval_every=0", "final_eval=false", "shuffle_buffer=32"],
-        "models": {"a": ["preset=tiny-qwen3-moe"], "b": ["preset=tiny-olmoe", "router_aux_loss_coef=0.01"]},
-        "base_config": "configs/demo.yaml",
-        "common": ["steps=2", "eval_every=0", "checkpoint_every=2", "rollout.prompts_per_step=4",
-                   "rollout.group_size=4", "rollout.max_new_tokens=12"],
-        "regimes": {"u2": ["mini_batch_size=8"], "u4": ["mini_batch_size=4"]},
-    })  # fmt: skip
+    cfg = build(
+        DriftConfig,
+        {
+            "out_dir": str(tmp_path / "atlas"),
+            "parallel": 2,
+            "entropy_problems": 8,
+            "pretrain": ["steps=20", "batch_size=16", "eval_every=0", "final_eval=false", "shuffle_buffer=32"],
+            "models": {"a": ["preset=tiny-qwen3-moe"], "b": ["preset=tiny-olmoe", "router_aux_loss_coef=0.01"]},
+            "base_config": "configs/demo.yaml",
+            "common": [
+                "steps=2",
+                "eval_every=0",
+                "checkpoint_every=2",
+                "rollout.prompts_per_step=4",
+                "rollout.group_size=4",
+                "rollout.max_new_tokens=12",
+            ],
+            "regimes": {"u2": ["mini_batch_size=8"], "u4": ["mini_batch_size=4"]},
+        },
+    )
     status = run_drift(cfg, progress=False)
     assert sorted(status.values()) == ["done"] * 6, status
     assert run_drift(cfg, progress=False) and all(
@@ -60,7 +84,7 @@ def test_gradient_variance_is_paired_and_exact_for_gmpo_vs_rspo_at_gamma_one(tin
     """At theta_1 after a warm step the batch is off-policy; the variances are finite and positive, GMPO's and
     RSPO's differ only through gamma; with no warm step (on-policy, gamma = 1) they are identical."""
     from rspo.config import save_config
-    from rspo.variance import GradVarConfig, measure, write_gradvar
+    from rspo.lab.gradvar import GradVarConfig, measure, write_gradvar
     from tests.test_trainer import tiny_cfg
 
     base = tmp_path / "base.yaml"

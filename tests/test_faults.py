@@ -8,10 +8,10 @@ import math
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from rspo.assets import policy_dir
 from rspo.config import ConfigError, build, load_config
 from rspo.rundir import read_metrics
 from rspo.scoring import Scorer, rss_mb
@@ -20,8 +20,6 @@ from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 from tests.test_reliability import cli, one_error_line
 from tests.test_trainer import TIMING, tiny_cfg
-
-ASSETS = Path(__file__).resolve().parents[1] / "src" / "rspo" / "assets"
 
 
 class PeakRSS:
@@ -118,7 +116,7 @@ def test_a_call_that_asks_for_too_much_memory_is_a_reward_error():
 def test_scorer_ceiling_is_validated():
     with pytest.raises(ValueError, match="max_rss_mb must be >= 128"):
         Scorer(len, max_rss_mb=10)
-    with pytest.raises(ConfigError, match="scoring.max_rss_mb must be >= 128"):
+    with pytest.raises(ConfigError, match="scoring.max_rss_mb: must be >= 128"):
         build(TrainConfig, {"scoring": {"max_rss_mb": 64}})
 
 
@@ -153,15 +151,18 @@ def test_float64_reward_beyond_float32_is_named():
 def test_zero_lengths_are_errors_not_defaults():
     with pytest.raises(ConfigError, match=r"rollout.max_new_tokens must be >= 1 \(or null for the task's\), got 0"):
         load_config(TrainConfig, None, ["rollout.max_new_tokens=0"])
-    with pytest.raises(ConfigError, match=r"objective.norm_length must be > 0"):
-        load_config(TrainConfig, None, ["objective.name=grpo", "objective.loss_agg=seq-mean-token-sum-norm",
-                                        "objective.norm_length=0"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"objective.norm_length: must be > 0"):
+        load_config(
+            TrainConfig,
+            None,
+            ["objective.name=grpo", "objective.loss_agg=seq-mean-token-sum-norm", "objective.norm_length=0"],
+        )
     assert load_config(TrainConfig, None, ["rollout.max_new_tokens=null"]).max_new_tokens == 32  # the task's
 
 
 def test_checkpoint_without_tokenizer_is_one_line_and_writes_nothing(tmp_path):
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(ASSETS / "countdown-e64k8", ckpt)
+    shutil.copytree(policy_dir("countdown-e64k8"), ckpt)
     for f in ckpt.glob("tokenizer*"):
         f.unlink()
     out = tmp_path / "run"
@@ -171,7 +172,7 @@ def test_checkpoint_without_tokenizer_is_one_line_and_writes_nothing(tmp_path):
     assert "has no tokenizer" in line and str(ckpt) in line, line
     assert not out.exists()
     for name in ("tokenizer.json", "tokenizer_config.json"):  # another model's (larger) tokenizer
-        shutil.copy(ASSETS / "math-tiny-base" / name, ckpt / name)
+        shutil.copy(policy_dir("math-tiny-base") / name, ckpt / name)
     r = cli("train", f"model={ckpt}", f"out_dir={out}", "steps=1")
     assert r.returncode == 2 and not out.exists()
     assert "has 512 tokens but the model embeds only 25" in one_error_line(r.stderr, "train")
@@ -191,7 +192,7 @@ def test_misspelled_fields_suggest_the_nearest_dotted_name(tmp_path):
     assert "did you mean" not in message(TrainConfig, ["zzz=1"])
     r = cli("train", "lr=1e-3", f"out_dir={tmp_path / 'x'}")  # the command line says it too
     assert r.returncode == 2 and "did you mean optim.lr?" in one_error_line(r.stderr, "train")
-    from rspo.pretrain import PretrainConfig
+    from rspo.lab.pretrain import PretrainConfig
 
     assert "did you mean" in message(PretrainConfig, ["stepz=3"])
 

@@ -16,11 +16,13 @@ import torch
 from rspo.cli import main
 from rspo.config import build
 from rspo.errors import ModelError
-from rspo.models import build_model
-from rspo.policy import HFSampler, load_policy, policy_of, response_log_probs
+from rspo.lab.presets import build_model
+from rspo.lab.tokenizer import build_bpe_tokenizer
+from rspo.logprobs import response_log_probs
+from rspo.policy import load_policy, policy_of
 from rspo.rundir import read_metrics
+from rspo.sampler import HFSampler
 from rspo.tasks import make_task
-from rspo.tokenizer import build_bpe_tokenizer
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer
 from tests.conftest import FAMILIES
@@ -30,8 +32,9 @@ ARITH_TRAIN, ARITH_TEST, SAMPLE = (f"builtin:math/{n}.jsonl" for n in ("arith-tr
 
 def test_bpe_tokenizer_and_chat_template(bpe):
     assert build_bpe_tokenizer().get_vocab() == bpe.get_vocab()  # deterministic
-    text = bpe.apply_chat_template([{"role": "user", "content": "What is $2+3$?"}], tokenize=False,
-                                   add_generation_prompt=True)  # fmt: skip
+    text = bpe.apply_chat_template(
+        [{"role": "user", "content": "What is $2+3$?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nWhat is $2+3$?<|im_end|>\n<|im_start|>assistant\n"
     ids = bpe(text, add_special_tokens=False)["input_ids"]
     assert bpe.convert_tokens_to_ids("<|im_start|>") in ids and bpe.eos_token_id in ids
@@ -78,8 +81,13 @@ def test_stop_strings_end_the_response(tiny_policy):
 
 def test_hub_id_is_passed_to_transformers_and_fails_clearly_offline():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "rspo.cli", "eval", "someorg/no-such-model", "--limit", "1"],
-                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "rspo.cli", "eval", "model=someorg/no-such-model", "limit=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "cannot load the tokenizer of 'someorg/no-such-model'" in r.stderr
     with pytest.raises(ModelError, match="does not exist"):
         load_policy("./not/here")
@@ -122,7 +130,7 @@ def test_response_log_probs_equal_the_naive_computation(bpe):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fused_head_op_in_float64_equals_log_softmax_exactly(with_bias, temperature):
-    from rspo.policy import _FusedHeadLogProb
+    from rspo.logprobs import _FusedHeadLogProb
 
     g = torch.Generator().manual_seed(1)
     n, h, v = 37, 6, 50
@@ -131,7 +139,7 @@ def test_fused_head_op_in_float64_equals_log_softmax_exactly(with_bias, temperat
     bias = torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
     tgt = torch.randint(0, v, (n,), generator=g)
     w = torch.randn(n, generator=g, dtype=torch.float64)
-    import rspo.policy as pol_mod
+    import rspo.logprobs as pol_mod
 
     old, pol_mod.CHUNK_BYTES = pol_mod.CHUNK_BYTES, 4 * v * 8  # 8 tokens per chunk: several chunks
     try:
@@ -161,8 +169,9 @@ def test_sampler_log_probs_equal_the_trainers(tiny_policy, temperature, top_p):
     assert gen.logprobs is not None and gen.logprobs.shape == gen.response_mask.shape
     assert bool((gen.logprobs[gen.response_mask == 0] == 0).all())
     with torch.no_grad():
-        ref, _, _ = response_log_probs(pol.model, gen.sequences, gen.attention_mask, gen.response_mask.shape[1],
-                                       temperature=temperature)  # fmt: skip
+        ref, _, _ = response_log_probs(
+            pol.model, gen.sequences, gen.attention_mask, gen.response_mask.shape[1], temperature=temperature
+        )
     sel = gen.response_mask > 0
     torch.testing.assert_close(gen.logprobs[sel], ref[sel], atol=2e-5, rtol=0)
     # at another temperature the scores differ: the temperature is really applied on both sides
@@ -180,10 +189,21 @@ def test_memory_at_a_150k_vocabulary_holds_no_vocabulary_sized_tensor():
 
     v, b, p, t = 150_000, 4, 40, 64
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=v, hidden_size=16, intermediate_size=32,
-                                               moe_intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                               num_key_value_heads=1, head_dim=8, num_experts=4,
-                                               num_experts_per_tok=2, tie_word_embeddings=True))  # fmt: skip
+    model = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=v,
+            hidden_size=16,
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=True,
+        )
+    )
     ids = torch.randint(0, v, (b, p + t))
     am = torch.ones_like(ids)
     head_calls = []
@@ -215,11 +235,25 @@ def test_memory_at_a_150k_vocabulary_holds_no_vocabulary_sized_tensor():
 # Training and evaluation on the math task, every family
 # ----------------------------------------------------------------------------------------
 def math_cfg(model: str, out, **extra) -> TrainConfig:
-    data = {"model": model, "out_dir": str(out), "steps": 2, "mini_batch_size": 8, "eval_every": 2,
-            "eval_problems": 4, "threads": 1, "optim": {"lr": 1e-2},
-            "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 10},
-            "task": {"name": "math", "options": {"train": [ARITH_TRAIN], "eval": {"arith": ARITH_TEST},
-                                                 "reward_fn": "tests.helpers:length_reward"}}}  # fmt: skip
+    data = {
+        "model": model,
+        "out_dir": str(out),
+        "steps": 2,
+        "mini_batch_size": 8,
+        "eval_every": 2,
+        "eval_problems": 4,
+        "threads": 1,
+        "optim": {"lr": 1e-2},
+        "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 10},
+        "task": {
+            "name": "math",
+            "options": {
+                "train": [ARITH_TRAIN],
+                "eval": {"arith": ARITH_TEST},
+                "reward_fn": "tests.helpers:length_reward",
+            },
+        },
+    }
     data.update(extra)
     return build(TrainConfig, data)
 
@@ -244,9 +278,25 @@ def test_train_on_the_math_task_every_family(family_dirs, tmp_path, preset):
 def test_eval_two_benchmarks_with_pass_at_k(family_dirs, tmp_path, capsys):
     out = tmp_path / "ev"
     d = family_dirs["tiny-qwen3-moe"]
-    assert main(["eval", d, "--task", "math", "--data", f"arith={ARITH_TEST}", "--data", f"sample={SAMPLE}",
-                 "--n", "4", "--temperature", "0.8", "--limit", "5", "--max-new-tokens", "8", "--threads", "1",
-                 "--task-option", "reward_fn=tests.helpers:length_reward", "--out-dir", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                f"model={d}",
+                "task.name=math",
+                f"task.options.eval.arith={ARITH_TEST}",
+                f"task.options.eval.sample={SAMPLE}",
+                "n=4",
+                "temperature=0.8",
+                "limit=5",
+                "max_new_tokens=8",
+                "threads=1",
+                "task.options.reward_fn=tests.helpers:length_reward",
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())["results"]
     assert set(res) == {"arith", "sample", "average"}
     for name in ("arith", "sample"):
@@ -269,9 +319,18 @@ def dense_dir(bpe, tmp_path_factory) -> str:
 
     d = tmp_path_factory.mktemp("dense")
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=len(bpe), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                      pad_token_id=bpe.pad_token_id, eos_token_id=bpe.eos_token_id)  # fmt: skip
+    cfg = Qwen3Config(
+        vocab_size=len(bpe),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=bpe.pad_token_id,
+        eos_token_id=bpe.eos_token_id,
+    )
     Qwen3ForCausalLM(cfg).save_pretrained(d)
     bpe.save_pretrained(d)
     return str(d)
@@ -283,17 +342,21 @@ def test_dense_model_trains_without_router_and_refuses_router_options(dense_dir,
     tr.train()
     rows = read_metrics(tmp_path / "d")
     assert not any(k.startswith("router/") for r in rows for k in r) and rows[-1]["step"] == 2
-    for extra, what in (({"objective": {"name": "rspo"}}, "router shift"),
-                        ({"objective": {"name": "grpo"}, "routing": {"control": "freeze"}}, "routing control 'freeze'"),
-                        ({"objective": {"name": "grpo"}, "log_router": True}, "log_router")):  # fmt: skip
+    for extra, what in (
+        ({"objective": {"name": "rspo"}}, "router shift"),
+        ({"objective": {"name": "grpo"}, "routing": {"control": "freeze"}}, "routing control 'freeze'"),
+        ({"objective": {"name": "grpo"}, "log_router": True}, "log_router"),
+    ):
         with pytest.raises(ModelError, match=f"Qwen3ForCausalLM is a dense model .*: {what} needs an MoE model"):
             Trainer(math_cfg(dense_dir, tmp_path / "x", **extra), progress=False)
         assert not (tmp_path / "x").exists()
 
 
 def test_bfloat16_policy_trains(family_dirs, tmp_path):
-    tr = Trainer(math_cfg(family_dirs["tiny-qwen3-moe"], tmp_path / "bf", dtype="bfloat16", steps=1, eval_every=0),
-                 progress=False)  # fmt: skip
+    tr = Trainer(
+        math_cfg(family_dirs["tiny-qwen3-moe"], tmp_path / "bf", dtype="bfloat16", steps=1, eval_every=0),
+        progress=False,
+    )
     assert next(tr.model.parameters()).dtype == torch.bfloat16
     tr.train()
     row = read_metrics(tmp_path / "bf")[-1]
@@ -310,6 +373,11 @@ def test_train_help_lists_every_field(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for field in ("device: auto | cpu | cuda = auto", "task.name: str = countdown", "router_shift.gamma_min",
-                  "rollout.max_new_tokens: int | null = null", "scoring.timeout_s"):  # fmt: skip
+    for field in (
+        "device: auto | cpu | cuda = auto",
+        "task.name: str = countdown",
+        "router_shift.gamma_min",
+        "rollout.max_new_tokens: int | null = null",
+        "scoring.timeout_s",
+    ):
         assert field in out, field

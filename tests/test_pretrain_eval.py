@@ -8,17 +8,33 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rspo.assets import policy_dir
 from rspo.cli import main
-from rspo.policy import BASE_POLICY_DIR, E8K1_BASE_DIR, load_policy
-from rspo.pretrain import PretrainConfig, collate, lr_at, pretrain
-from rspo.tokenizer import build_char_tokenizer
+from rspo.lab.pretrain import PretrainConfig, collate, lr_at, pretrain
+from rspo.lab.tokenizer import build_char_tokenizer
+from rspo.policy import load_policy
+
+BASE_POLICY_DIR, E8K1_BASE_DIR = policy_dir("countdown-e64k8"), policy_dir("countdown-base")
 
 
 def test_pretraining_loss_falls_and_checkpoint_loads(tmp_path):
     out = tmp_path / "pt"
-    pretrain(PretrainConfig(preset="tiny-qwen3-moe", out_dir=str(out), steps=60, batch_size=32, lr=3e-3,
-                            warmup_steps=5, eval_every=30, eval_problems=16, final_eval=False, shuffle_buffer=64,
-                            threads=1), progress=False)  # fmt: skip
+    pretrain(
+        PretrainConfig(
+            preset="tiny-qwen3-moe",
+            out_dir=str(out),
+            steps=60,
+            batch_size=32,
+            lr=3e-3,
+            warmup_steps=5,
+            eval_every=30,
+            eval_problems=16,
+            final_eval=False,
+            shuffle_buffer=64,
+            threads=1,
+        ),
+        progress=False,
+    )
     info = json.loads((out / "pretrain.json").read_text())
     losses = [h["loss"] for h in info["history"]]
     assert sum(losses[-10:]) / 10 < 0.75 * sum(losses[:10]) / 10  # 3.0 -> 1.9 measured
@@ -52,8 +68,8 @@ def test_shipped_base_policies_load_in_fp32(path, lo):
 
 def test_eval_cli_writes_results_and_responses(tmp_path, capsys):
     out = tmp_path / "ev"
-    assert main(["eval", "--model", str(BASE_POLICY_DIR), "--split", "validation", "--limit", "24", "--n", "2",
-                 "--out-dir", str(out), "--threads", "1"]) == 0  # fmt: skip
+    args = ["splits=[validation]", "limit=24", "n=2", f"out_dir={out}", "threads=1"]
+    assert main(["eval", f"model={BASE_POLICY_DIR}", *args]) == 0
     text = capsys.readouterr().out
     assert "greedy" in text and "sampled(T=1)" in text and "avg@2" in text and "pass@2" in text
     rows = [json.loads(x) for x in (out / "responses-validation.jsonl").read_text().splitlines()]
@@ -65,9 +81,8 @@ def test_eval_cli_writes_results_and_responses(tmp_path, capsys):
     assert res["validation"]["greedy_pass@1"] == pytest.approx(greedy, abs=1e-12)
     assert (out / "results.md").read_text().count("| validation |") == 1
     # its own output is replaced only with --overwrite; the sampled responses are seeded (the same again)
-    assert main(["eval", "base", "--split", "validation", "--limit", "24", "--n", "2", "--out-dir", str(out)]) == 2
-    assert main(["eval", "base", "--split", "validation", "--limit", "24", "--n", "2", "--out-dir", str(out),
-                 "--overwrite", "--threads", "1"]) == 0  # fmt: skip
+    assert main(["eval", "model=base", *args]) == 2
+    assert main(["eval", "model=base", *args, "--overwrite"]) == 0
     again = [json.loads(x) for x in (out / "responses-validation.jsonl").read_text().splitlines()]
     assert [r["response"] for r in again] == [r["response"] for r in rows]
 
@@ -80,15 +95,16 @@ def test_load_policy_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         load_policy(tmp_path / "empty")
-    assert main(["eval", "--model", str(tmp_path / "nope")]) == 2
+    assert main(["eval", f"model={tmp_path / 'nope'}"]) == 2
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    from rspo.demo import run_demo
+    from rspo.lab.demo import DemoConfig, run_demo
 
     out = tmp_path / "demo"
     over = ["steps=2", "rollout.prompts_per_step=4", "mini_batch_size=8", "eval_every=1", "eval_problems=8"]
-    assert run_demo(str(out), None, over, eval_limit=16, progress=False) == 0
+    cfg = DemoConfig(overrides=over, out_dir=str(out), eval_limit=16)
+    assert run_demo(cfg, progress=False) == 0
     text = capsys.readouterr().out
     assert "base" in text and "GRPO" in text and "RSPO" in text and "greedy pass@1" in text
     assert "tokens with gamma < 0.95" in text and "tokens keeping all experts" in text and "curves.png" in text
@@ -101,4 +117,4 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert (out / f"test-after-{arm}.jsonl").is_file()
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # a second demo replaces only the first one's files, with --overwrite
-    assert run_demo(str(out), None, over, eval_limit=16, progress=False, overwrite=True) == 0
+    assert run_demo(cfg, progress=False, overwrite=True) == 0

@@ -50,8 +50,9 @@ def foreign_dir(path: Path) -> Path:
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rspo.cli", *args], env=env or ENV, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rspo.cli", *args], env=env or ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def one_error_line(stderr: str, command: str) -> str:
@@ -109,8 +110,14 @@ def test_demo_and_pretrain_refuse_foreign_directories(tmp_path):
     """`rspo demo --out-dir .` used to empty the current directory; `rspo pretrain out_dir=DIR` deleted DIR."""
     foreign = foreign_dir(tmp_path / "mine")
     before = tree_digest(foreign)
-    r = subprocess.run([sys.executable, "-m", "rspo.cli", "demo", "--out-dir", ".", "--overwrite"], cwd=foreign,
-                       env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "rspo.cli", "demo", "out_dir=.", "--overwrite"],
+        cwd=foreign,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "not created by rspo" in one_error_line(r.stderr, "demo")
     r = cli("pretrain", f"out_dir={foreign}", "steps=1", "--overwrite")
     assert r.returncode == 2 and "nothing was changed" in one_error_line(r.stderr, "pretrain")
@@ -252,8 +259,12 @@ def test_external_kill_during_checkpoint_writes_recovers(tiny_policy, tmp_path, 
     for attempt in range(2):
         run = tmp_path / f"run{attempt}"
         save_config(tiny_cfg(tiny_policy, run, **CRASH_OVER), cfg_file)
-        proc = subprocess.Popen([sys.executable, "-m", "rspo.cli", "train", str(cfg_file)], env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rspo.cli", "train", str(cfg_file)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not (run / "checkpoint.tmp").exists():
             time.sleep(0.002)
@@ -268,14 +279,14 @@ def test_external_kill_during_checkpoint_writes_recovers(tiny_policy, tmp_path, 
 # Validation before anything is written
 # ----------------------------------------------------------------------------------------
 BAD_VALUES = [
-    ({"objective": {"name": "grpo", "clip_low": 1.0}}, r"objective: clip_low must be < 1 for 'grpo'"),
-    ({"objective": {"name": "gmpo", "clip_high": -0.1}}, r"objective: clip_high must be a finite number >= 0"),
-    ({"objective": {"name": "gspo", "clip_low": 1.5}}, r"clip_low must be < 1 for 'gspo'"),
-    ({"router_shift": {"clip_threshold": 0.0}}, r"router_shift.clip_threshold must be in \(0, 1\]"),
-    ({"router_shift": {"clip_threshold": 1.5}}, r"router_shift.clip_threshold must be in \(0, 1\]"),
-    ({"router_shift": {"gamma_min": 0.0}}, r"router_shift.gamma_min must be in \(0, 1\]"),
-    ({"router_shift": {"gamma_min": 1.2}}, r"router_shift.gamma_min must be in \(0, 1\]"),
-    ({"router_shift": {"top_k": 0}}, r"router_shift.top_k must be >= 1"),
+    ({"objective": {"name": "grpo", "clip_low": 1.0}}, r"objective 'grpo': objective.clip_low must be < 1 for 'grpo'"),
+    ({"objective": {"name": "gmpo", "clip_high": -0.1}}, r"'gmpo': objective.clip_high must be a finite number >= 0"),
+    ({"objective": {"name": "gspo", "clip_low": 1.5}}, r"objective.clip_low must be < 1 for 'gspo'"),
+    ({"router_shift": {"clip_threshold": 0.0}}, r"router_shift.clip_threshold: must be in \(0, 1\]"),
+    ({"router_shift": {"clip_threshold": 1.5}}, r"router_shift.clip_threshold: must be in \(0, 1\]"),
+    ({"router_shift": {"gamma_min": 0.0}}, r"router_shift.gamma_min: must be in \(0, 1\]"),
+    ({"router_shift": {"gamma_min": 1.2}}, r"router_shift.gamma_min: must be in \(0, 1\]"),
+    ({"router_shift": {"top_k": 0}}, r"router_shift.top_k: must be >= 1"),
     ({"optim": {"lr": math.inf}}, r"optim.lr must be a finite number, got inf"),
     ({"optim": {"lr": math.nan}}, r"optim.lr must be a finite number, got nan"),
     ({"task": {"options": {"score_correct": math.inf}}}, r"task.options.score_correct must be a finite number"),
@@ -283,7 +294,7 @@ BAD_VALUES = [
     ({"checkpoint_every": 0}, r"checkpoint_every must be >= 1"),
     ({"eval_every": -1}, r"eval_every must be >= 1, or 0 for no validation"),
     ({"kl_coef": -0.1}, r"kl_coef >= 0"),
-    ({"scoring": {"timeout_s": 0}}, r"scoring.timeout_s must be > 0"),
+    ({"scoring": {"timeout_s": 0}}, r"scoring.timeout_s: must be > 0"),
     ({"routing": {"aux_loss_coef": -1.0}}, r"routing.aux_loss_coef must be >= 0"),
     ({"optim": {"weight_decay": -0.01}}, r"weight_decay >= 0"),
 ]
@@ -307,10 +318,14 @@ def test_yaml_infinities_and_alias_bomb_are_short_errors(tmp_path):
     levels = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     bomb = f"[{', '.join(levels)}]"
-    from rspo.study import StudyConfig
+    from rspo.lab.study import StudyConfig
 
-    for cls, text in ((TrainConfig, f"steps: {bomb}\n"), (TrainConfig, f"objective: {bomb}\n"),
-                      (StudyConfig, f"arms: {{a: {bomb}}}\n"), (StudyConfig, f"common: {bomb}\n")):  # fmt: skip
+    for cls, text in (
+        (TrainConfig, f"steps: {bomb}\n"),
+        (TrainConfig, f"objective: {bomb}\n"),
+        (StudyConfig, f"arms: {{a: {bomb}}}\n"),
+        (StudyConfig, f"common: {bomb}\n"),
+    ):
         f.write_text(text)
         t0 = time.time()
         with pytest.raises(ConfigError) as err:
@@ -338,12 +353,20 @@ def test_trainer_checks_before_writing(tiny_policy, tmp_path):
 def _save_dense_model(path: Path) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from rspo.tokenizer import build_char_tokenizer
+    from rspo.lab.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
-                      eos_token_id=1)  # fmt: skip
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     Qwen3ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
 
@@ -352,15 +375,15 @@ def test_model_directory_errors_are_one_line(tmp_path):
     d = tmp_path / "m"
     _save_dense_model(d)
     (d / "model.safetensors").unlink()
-    r = cli("eval", "--model", str(d), "--limit", "1")
+    r = cli("eval", f"model={d}", "limit=1")
     assert r.returncode == 2 and "has no model weights" in one_error_line(r.stderr, "eval")
     _save_dense_model(d)
     (d / "tokenizer.json").unlink()
-    r = cli("eval", "--model", str(d), "--limit", "1")
+    r = cli("eval", f"model={d}", "limit=1")
     assert r.returncode == 2 and "has no tokenizer" in one_error_line(r.stderr, "eval")
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_model"}))
-    r = cli("eval", "--model", str(d), "--limit", "1")
+    r = cli("eval", f"model={d}", "limit=1")
     assert r.returncode == 2 and "config.json" in one_error_line(r.stderr, "eval")
     with pytest.raises(ModelError, match="does not exist"):
         from rspo.policy import load_policy
@@ -371,22 +394,24 @@ def test_model_directory_errors_are_one_line(tmp_path):
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["--limit", "0"], "--limit: must be >= 1"),
-        (["--limit", "-5"], "--limit: must be >= 1"),
-        (["--threads", "0"], "--threads: must be >= 1"),
-        (["--temperature", "0"], "--temperature: must be a finite number > 0"),
-        (["--temperature", "nan"], "--temperature: must be a finite number > 0"),
-        (["--temperature", "inf"], "--temperature: must be a finite number > 0"),
+        (["limit=0"], "limit: must be >= 1"),
+        (["limit=-5"], "limit: must be >= 1"),
+        (["threads=0"], "threads: must be >= 1"),
+        (["temperature=0"], "temperature: must be a finite number > 0"),
+        (["temperature=.nan"], "temperature must be a finite number"),
+        (["temperature=.inf"], "temperature must be a finite number"),
+        (["top_p=1.5"], "top_p: must be in (0, 1]"),
+        (["n=-1"], "n: must be >= 0"),
+        (["splits=[nope]"], "split 'nope' is not a split of task 'countdown'"),
     ],
 )
 def test_eval_arguments_out_of_range(args, match, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["eval", "--model", "x", *args])
-    assert e.value.code == 2 and match in capsys.readouterr().err
+    assert main(["eval", "model=x", *args]) == 2
+    assert match in capsys.readouterr().err
 
 
 def test_pretrain_config_checks():
-    from rspo.pretrain import PretrainConfig
+    from rspo.lab.pretrain import PretrainConfig
 
     with pytest.raises(ConfigError, match="preset='qwen3-moe-countdwn' is not a model preset; valid: qwen3-moe"):
         build(PretrainConfig, {"preset": "qwen3-moe-countdwn"})
@@ -398,11 +423,18 @@ def test_pretrain_config_checks():
 # ----------------------------------------------------------------------------------------
 # Numerics: padding never reaches the loss or its gradient
 # ----------------------------------------------------------------------------------------
-OBJECTIVES = [("grpo", {}), ("grpo", {"loss_agg": "token-mean"}),
-              ("grpo", {"loss_agg": "seq-mean-token-sum-norm", "norm_length": 5.0}), ("gspo", {}),
-              ("gspo_token", {}), ("gmpo", {}), ("rspo", {}), ("rspo", {"router_shift_placement": "before_clip"}),
-              ("grpo", {"router_shift_placement": "after_clip"}),
-              ("gspo", {"router_shift_placement": "before_clip"})]  # fmt: skip
+OBJECTIVES = [
+    ("grpo", {}),
+    ("grpo", {"loss_agg": "token-mean"}),
+    ("grpo", {"loss_agg": "seq-mean-token-sum-norm", "norm_length": 5.0}),
+    ("gspo", {}),
+    ("gspo_token", {}),
+    ("gmpo", {}),
+    ("rspo", {}),
+    ("rspo", {"router_shift_placement": "before_clip"}),
+    ("grpo", {"router_shift_placement": "after_clip"}),
+    ("gspo", {"router_shift_placement": "before_clip"}),
+]
 
 
 @pytest.mark.parametrize(("name", "hp"), OBJECTIVES, ids=[f"{n}-{h}" for n, h in OBJECTIVES])
@@ -425,8 +457,15 @@ def test_non_finite_padding_does_not_reach_loss_or_gradient(name, hp, poison):
     def run(fill: float):
         pad = mask == 0
         lp = new.masked_fill(pad, fill).requires_grad_(True)
-        loss, _ = compute_policy_loss(name, lp, old.masked_fill(pad, fill), adv.masked_fill(pad, fill), mask,
-                                      router_shift=gamma.masked_fill(pad, fill) if use_rs else None, **hp)  # fmt: skip
+        loss, _ = compute_policy_loss(
+            name,
+            lp,
+            old.masked_fill(pad, fill),
+            adv.masked_fill(pad, fill),
+            mask,
+            router_shift=gamma.masked_fill(pad, fill) if use_rs else None,
+            **hp,
+        )
         loss.backward()
         return loss.detach(), lp.grad
 
@@ -458,8 +497,7 @@ def test_score_counts_errors_and_cuts_off_hangs():
     t0 = time.monotonic()
     out = score(["x"] * 12, items, bad_reward, timeout_s=1.0, workers=2)
     assert time.monotonic() - t0 < 20  # two hanging calls cost about one timeout each, not 600 s
-    expect = {0: "ok", 1: "reward_error", 2: "reward_error", 3: "reward_error", 4: "reward_timeout",
-              5: "reward_error"}  # fmt: skip
+    expect = {0: "ok", 1: "reward_error", 2: "reward_error", 3: "reward_error", 4: "reward_timeout", 5: "reward_error"}
     assert out.reasons == [expect[i % 6] for i in items]
     assert out.rewards == [1.0 if i % 6 == 0 else 0.0 for i in items]
     assert out.errors == 10 and out.timeouts == 2

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rspo.models import build_model
+from rspo.lab.presets import build_model
 from rspo.routing import non_shifted_ratio, router_shift_ratio
 from rspo.routing.capture import MoERouters, index_dtype
 

@@ -124,8 +124,9 @@ def test_hostile_program(task, add, tmp_path, name):
     (victim_dir / "keep.txt").write_text("precious")
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    before_project = tree_digest(ROOT, skip=(".git", ".venv", "runs", "__pycache__", ".pytest_cache",
-                                             ".ruff_cache", ".hypothesis"))  # fmt: skip
+    before_project = tree_digest(
+        ROOT, skip=(".git", ".venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis")
+    )
     before_tmp = tree_digest(tmp_path)
     pwned = _pwned(name)
     server = socket.socket()
@@ -134,8 +135,14 @@ def test_hostile_program(task, add, tmp_path, name):
     server.settimeout(0.2)
     os.environ["RSPO_TEST_SECRET_TOKEN"] = "s3cr3t-token-value"
     code, reasons = HOSTILE[name]
-    code = code.format(paths=[str(p) for p in pwned], port=server.getsockname()[1], me=os.getpid(),
-                       pwned0=pwned[0], victim=victim, victim_dir=victim_dir)  # fmt: skip
+    code = code.format(
+        paths=[str(p) for p in pwned],
+        port=server.getsockname()[1],
+        me=os.getpid(),
+        pwned0=pwned[0],
+        victim=victim,
+        victim_dir=victim_dir,
+    )
     t0 = time.monotonic()
     try:
         v = task.verdict(answer(code), add)
@@ -154,8 +161,10 @@ def test_hostile_program(task, add, tmp_path, name):
     assert not connected, "the program reached a server on 127.0.0.1"
     assert not any(p.exists() for p in pwned), [p for p in pwned if p.exists()]
     assert tree_digest(tmp_path) == before_tmp
-    assert tree_digest(ROOT, skip=(".git", ".venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache",
-                                   ".hypothesis")) == before_project  # fmt: skip
+    assert (
+        tree_digest(ROOT, skip=(".git", ".venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"))
+        == before_project
+    )
     survivors = [p for p in os.listdir("/proc") if p.isdigit() and b"987654" in _cmdline(p)]
     assert not survivors, survivors
 
@@ -211,13 +220,19 @@ def test_last_code_block():
     [
         ({"question": "q", "input_output": json.dumps({"inputs": ["1\n"], "outputs": ["1\n"]})}, "stdio", 1),
         ({"question": "q", "input_output": {"inputs": [[1, 2]], "outputs": [3], "fn_name": "f"}}, "call", 1),
-        ({"prompt": [{"role": "user", "content": "q"}],
-          "reward_model": {"ground_truth": json.dumps({"inputs": ["a", "b"], "outputs": ["a", "b"]})}}, "stdio", 2),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "reward_model": {"ground_truth": json.dumps({"inputs": ["a", "b"], "outputs": ["a", "b"]})},
+            },
+            "stdio",
+            2,
+        ),
         ({"problem": "q", "test_list": ["assert f(1) == 1", "assert f(2) == 2"]}, "assert", 2),
         ({"prompt": "def f(x):", "test": "def check(c):\n    assert c(1) == 1", "entry_point": "f"}, "assert", 1),
     ],
     ids=["apps-json", "leetcode-call", "verl", "mbpp", "humaneval"],
-)  # fmt: skip
+)
 def test_data_formats(tmp_path, row, kind, n):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps(row) + "\n")
@@ -257,9 +272,17 @@ class _FakeSandboxFusion(http.server.BaseHTTPRequestHandler):
         assert self.path == "/run_code" and req["language"] == "python"
         r = run_python(req["code"], req.get("stdin", ""), Limits(wall_s=float(req["run_timeout"])))
         status = {"ok": "Finished", "timeout": "TimeLimitExceeded"}.get(r.status, "Finished")
-        body = {"status": "Success" if r.status == "ok" else "Failed", "message": "",
-                "run_result": {"status": status, "execution_time": r.wall_s, "return_code": r.returncode,
-                               "stdout": r.stdout, "stderr": r.stderr}}  # fmt: skip
+        body = {
+            "status": "Success" if r.status == "ok" else "Failed",
+            "message": "",
+            "run_result": {
+                "status": status,
+                "execution_time": r.wall_s,
+                "return_code": r.returncode,
+                "stdout": r.stdout,
+                "stderr": r.stderr,
+            },
+        }
         data = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -276,10 +299,13 @@ def test_sandbox_fusion_executor_against_a_local_fake_server():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        t = make_task("code", {"eval": {"s": SAMPLE}, "executor": "sandbox_fusion", "sandbox_fusion_url": url,
-                               "wall_s": 2.0})  # fmt: skip
-        rows = {json.loads(x)["id"]: json.loads(x) for x in (ROOT / "src/rspo/tasks/data/code/sample.jsonl")
-                .read_text().splitlines()}  # fmt: skip
+        t = make_task(
+            "code", {"eval": {"s": SAMPLE}, "executor": "sandbox_fusion", "sandbox_fusion_url": url, "wall_s": 2.0}
+        )
+        rows = {
+            json.loads(x)["id"]: json.loads(x)
+            for x in (ROOT / "src/rspo/tasks/data/code/sample.jsonl").read_text().splitlines()
+        }
         for ex in t.eval_examples("s")[:6] + [e for e in t.eval_examples("s") if e.id.startswith(("fn-", "mbpp-"))][:2]:
             assert t.verdict(answer(rows[ex.id]["solution"]), ex).correct, ex.id
             assert t.verdict(answer(rows[ex.id]["wrong"]), ex).reason == "wrong_answer", ex.id
@@ -287,13 +313,14 @@ def test_sandbox_fusion_executor_against_a_local_fake_server():
         assert t.verdict(answer("import time\ntime.sleep(30)"), ex).reason == "timeout"
     finally:
         server.shutdown()
-    dead = make_task("code", {"eval": {"s": SAMPLE}, "executor": "sandbox_fusion",
-                              "sandbox_fusion_url": "http://127.0.0.1:9"})  # fmt: skip
+    dead = make_task(
+        "code", {"eval": {"s": SAMPLE}, "executor": "sandbox_fusion", "sandbox_fusion_url": "http://127.0.0.1:9"}
+    )
     assert dead.verdict(answer("print(3)"), dead.eval_examples("s")[0]).reason == "sandbox_error"
 
 
 def test_code_task_trains_and_evaluates(family_dirs, tmp_path):
-    """configs/code-tiny.yaml runs (a few steps, shortened here) and `rspo eval --task code` reports pass@k."""
+    """configs/code-tiny.yaml runs (a few steps, shortened here) and `rspo eval task.name=code` reports pass@k."""
     from rspo.cli import main
     from rspo.config import load_config
     from rspo.rundir import read_metrics
@@ -308,8 +335,8 @@ def test_code_task_trains_and_evaluates(family_dirs, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2] and "val/accuracy" in rows[-1]
     assert rows[-1]["reward/errors"] == 0  # every verdict came back (no_code here), none failed
     out = tmp_path / "ev"
-    assert main(["eval", family_dirs["tiny-qwen3-moe"], "--task", "code", "--data", f"sample={SAMPLE}", "--n", "2",
-                 "--limit", "3", "--max-new-tokens", "8", "--threads", "1", "--out-dir", str(out)]) == 0  # fmt: skip
+    args = ["task.name=code", f"task.options.eval.sample={SAMPLE}", "n=2", "limit=3", "max_new_tokens=8", "threads=1"]
+    assert main(["eval", f"model={family_dirs['tiny-qwen3-moe']}", *args, f"out_dir={out}"]) == 0
     res = json.loads((out / "results.json").read_text())["results"]
     assert set(res["sample"]) == {"examples", "greedy_pass@1", "avg@2", "pass@2"} and res["sample"]["examples"] == 3
     reasons = {json.loads(x)["reason"] for x in (out / "responses-sample.jsonl").read_text().splitlines()}

@@ -8,18 +8,38 @@ import pytest
 
 from rspo.config import ConfigError, build, save_config
 from rspo.errors import RunDirError
-from rspo.study import StudyConfig, run_study, summarize, write_report
+from rspo.lab.report import summarize, write_report
+from rspo.lab.study import StudyConfig, run_study
 from rspo.train_config import TrainConfig
 from tests.test_trainer import metrics, tiny_cfg
 
 
 def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
     base = tmp_path / "base.yaml"
-    save_config(tiny_cfg(tiny_policy, tmp_path / "unused", steps=2, eval_every=1, eval_problems=4,
-                         eval_samples=2, checkpoint_every=1, log_grad_variance=True), base)  # fmt: skip
-    cfg = build(StudyConfig, {"base_config": str(base), "out_dir": str(tmp_path / "study"), "seeds": [0, 1],
-                              "parallel": 2, "arms": {"grpo": ["objective.name=grpo"], "rspo": ["objective.name=rspo"]},
-                              "accuracy_levels": [0.0]})  # fmt: skip
+    save_config(
+        tiny_cfg(
+            tiny_policy,
+            tmp_path / "unused",
+            steps=2,
+            eval_every=1,
+            eval_problems=4,
+            eval_samples=2,
+            checkpoint_every=1,
+            log_grad_variance=True,
+        ),
+        base,
+    )
+    cfg = build(
+        StudyConfig,
+        {
+            "base_config": str(base),
+            "out_dir": str(tmp_path / "study"),
+            "seeds": [0, 1],
+            "parallel": 2,
+            "arms": {"grpo": ["objective.name=grpo"], "rspo": ["objective.name=rspo"]},
+            "accuracy_levels": [0.0],
+        },
+    )
     status = run_study(cfg, progress=False)
     assert sorted(status.values()) == ["done"] * 4, status
     for arm in ("grpo", "rspo"):
@@ -27,8 +47,9 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
         assert [r["step"] for r in rows] == [0, 1, 2] and "grad/minibatch_var" in rows[-1]
         # sampled validation: 2 responses for each of the 4 problems, so pass@1 is a multiple of 1/8
         assert all(round(r["val/accuracy_sampled"] * 8, 9).is_integer() for r in rows)
-        saved = build(TrainConfig, __import__("yaml").safe_load((tmp_path / "study" / arm / "seed1" / "config.yaml")
-                                                                .read_text()))  # fmt: skip
+        saved = build(
+            TrainConfig, __import__("yaml").safe_load((tmp_path / "study" / arm / "seed1" / "config.yaml").read_text())
+        )
         assert saved.seed == 1 and saved.objective.name == arm and saved.threads == 1
     # a second call skips finished runs; a run without done.json but with a checkpoint is resumed
     (tmp_path / "study" / "rspo" / "seed0" / "done.json").unlink()
@@ -59,10 +80,18 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
         write_report(tmp_path / "study", out=tmp_path / "docs", overwrite=True)
 
     # a second study (one arm) whose report shows the first study's arms as references
-    ref = build(StudyConfig, {"base_config": str(base), "out_dir": str(tmp_path / "abl"), "seeds": [0],
-                              "arms": {"gmpo": ["objective.name=gmpo", "router_shift.enabled=false"]},
-                              "accuracy_levels": [0.0],
-                              "reference_dir": str(tmp_path / "study"), "reference_arms": ["grpo"]})  # fmt: skip
+    ref = build(
+        StudyConfig,
+        {
+            "base_config": str(base),
+            "out_dir": str(tmp_path / "abl"),
+            "seeds": [0],
+            "arms": {"gmpo": ["objective.name=gmpo", "router_shift.enabled=false"]},
+            "accuracy_levels": [0.0],
+            "reference_dir": str(tmp_path / "study"),
+            "reference_arms": ["grpo"],
+        },
+    )
     assert run_study(ref, progress=False) == {str(tmp_path / "abl" / "gmpo" / "seed0"): "done"}
     table = summarize(ref)
     assert list(table) == ["gmpo", "grpo (ref)"] and table["grpo (ref)"]["seeds"] == 2
@@ -88,7 +117,7 @@ def test_study_config_errors(tmp_path):
 
 def test_summarize_hand_computed_rows():
     """final / last-3-checks mean / best / collapse / steps-to-reach / update averages on hand-made rows."""
-    from rspo.study import ArmRuns
+    from rspo.lab.report import ArmRuns
 
     def rows(vals, clip):
         out = [{"step": 0, "val/accuracy": vals[0]}]
@@ -109,7 +138,7 @@ def test_summarize_hand_computed_rows():
 
 
 def test_t_quantile_and_mean_ci_against_tables():
-    from rspo.study import mean_ci, t_quantile
+    from rspo.lab.stats import mean_ci, t_quantile
 
     # Student's t, 97.5% quantiles (standard tables, 8 digits)
     for df, want in [(1, 12.7062047), (2, 4.30265273), (4, 2.77644511), (9, 2.26215716), (30, 2.04227246)]:
@@ -118,18 +147,18 @@ def test_t_quantile_and_mean_ci_against_tables():
     xs = [0.1, 0.2, 0.4]  # mean 0.7/3, sample std sqrt(0.02333..)
     m, h = mean_ci(xs)
     assert m == pytest.approx(0.7 / 3, abs=1e-12)
-    assert h == pytest.approx(4.30265273 * math.sqrt(((0.1 - m) ** 2 + (0.2 - m) ** 2 + (0.4 - m) ** 2) / 2 / 3),
-                              abs=1e-7)  # fmt: skip
+    assert h == pytest.approx(
+        4.30265273 * math.sqrt(((0.1 - m) ** 2 + (0.2 - m) ** 2 + (0.4 - m) ** 2) / 2 / 3), abs=1e-7
+    )
     assert math.isnan(mean_ci([0.3])[1]) and math.isnan(mean_ci([])[0])
     with pytest.raises(ValueError, match="df >= 1"):
         t_quantile(0.975, 0)
 
 
 def test_paired_differences_hand_computed():
-    from rspo.study import paired_differences
+    from rspo.lab.stats import paired_differences
 
-    table = {"a": {"late_per_seed": {0: 0.30, 1: 0.20, 2: 0.25}},
-             "b": {"late_per_seed": {0: 0.20, 1: 0.20, 2: 0.15, 3: 0.9}}}  # fmt: skip
+    table = {"a": {0: 0.30, 1: 0.20, 2: 0.25}, "b": {0: 0.20, 1: 0.20, 2: 0.15, 3: 0.9}}
     (d,) = paired_differences(table, ["a - b"])
     assert (d["arm"], d["baseline"], d["seeds"]) == ("a", "b", 3)  # seed 3 has no pair
     assert d["diff"] == pytest.approx(0.2 / 3, abs=1e-12)

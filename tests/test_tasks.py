@@ -13,12 +13,12 @@ import pytest
 from rspo.config import ConfigError, build
 from rspo.evaluate import k_values, pass_at_k
 from rspo.tasks import Verdict, list_tasks, make_task
+from rspo.tasks.arithmetic import builtin_files
+from rspo.tasks.files import DATA_DIR
 from rspo.tasks.math import (
-    DATA_DIR,
     MathExample,
     MathGrader,
     based_number,
-    builtin_files,
     equation_sides,
     last_boxed,
     load_examples,
@@ -156,8 +156,15 @@ EQUAL = [
     ("\\text{(B)}", "B"),
     ("x = 5", "5"),
 ]
-UNEQUAL = [("3", "4"), ("\\frac{1}{3}", "0.33"), ("(1,2)", "[1,2]"), ("\\{1,2\\}", "\\{1,3\\}"), ("x^2", "2x"),
-           ("-1", "1"), ("\\pi", "3.14")]  # fmt: skip
+UNEQUAL = [
+    ("3", "4"),
+    ("\\frac{1}{3}", "0.33"),
+    ("(1,2)", "[1,2]"),
+    ("\\{1,2\\}", "\\{1,3\\}"),
+    ("x^2", "2x"),
+    ("-1", "1"),
+    ("\\pi", "3.14"),
+]
 
 
 # Answers a policy could game the grader with (issue 21), each with the reason it is wrong.

@@ -17,7 +17,7 @@ import torch
 
 from rspo.config import ConfigError, build, load_config
 from rspo.errors import CheckpointError, ModelError, RunDirError
-from rspo.policy import response_log_probs
+from rspo.logprobs import response_log_probs
 from rspo.routing import histogram_share_below
 from rspo.train_config import TrainConfig
 from rspo.trainer import Trainer, TrainingError
@@ -26,9 +26,16 @@ TIMING = ("time/", "perf/")
 
 
 def tiny_cfg(policy: str, out: Path, **over) -> TrainConfig:
-    data = {"model": policy, "out_dir": str(out), "steps": 2, "mini_batch_size": 8, "eval_every": 0, "threads": 1,
-            "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 14},
-            "optim": {"lr": 3e-3}}  # fmt: skip
+    data = {
+        "model": policy,
+        "out_dir": str(out),
+        "steps": 2,
+        "mini_batch_size": 8,
+        "eval_every": 0,
+        "threads": 1,
+        "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 14},
+        "optim": {"lr": 3e-3},
+    }
     for k, v in over.items():
         node = data
         parts = k.split("__")
@@ -51,26 +58,51 @@ VARIANTS = {
     "gmpo": {"objective__name": "gmpo"},
     "rspo": {"objective__name": "rspo"},
     "rspo_before_clip": {"objective__name": "rspo", "router_shift__placement": "before_clip"},
-    "rspo_mean_exp_product": {"objective__name": "rspo", "router_shift__expert_agg": "mean_exp",
-                              "router_shift__layer_agg": "product", "router_shift__gamma_min": 0.2},
+    "rspo_mean_exp_product": {
+        "objective__name": "rspo",
+        "router_shift__expert_agg": "mean_exp",
+        "router_shift__layer_agg": "product",
+        "router_shift__gamma_min": 0.2,
+    },
     "rspo_no_stop_gradient": {"objective__name": "rspo", "router_shift__stop_gradient": False},
-    "rspo_router_clip_drop": {"objective__name": "rspo", "router_shift__clip_threshold": 0.99,
-                              "router_shift__clip_drop": True},
+    "rspo_router_clip_drop": {
+        "objective__name": "rspo",
+        "router_shift__clip_threshold": 0.99,
+        "router_shift__clip_drop": True,
+    },
     "grpo_rs": {"objective__name": "grpo", "router_shift__enabled": True},
     "gspo_rs": {"objective__name": "gspo", "router_shift__enabled": True, "objective__clip_low": 0.05},
     "freeze": {"objective__name": "grpo", "routing__control": "freeze"},
     "replay_logits": {"objective__name": "grpo", "routing__control": "replay_logits"},
     "replay_indices": {"objective__name": "grpo", "routing__control": "replay_indices"},
-    "grpo_dual_clip_token_tis": {"objective__name": "grpo", "objective__dual_clip": 3.0,
-                                 "rollout_correction__level": "token"},
-    "rspo_icepop_tempered": {"objective__name": "rspo", "rollout__temperature": 0.7, "rollout__top_p": 0.9,
-                             "rollout_correction__level": "token", "rollout_correction__mode": "mask",
-                             "rollout_correction__low": 0.5, "rollout_correction__reduce": "arithmetic"},
-    "gspo_sequence_mask": {"objective__name": "gspo", "rollout_correction__level": "sequence",
-                           "rollout_correction__mode": "mask", "rollout_correction__low": 0.5},
-    "kl_aux_drop_epochs": {"objective__name": "rspo", "kl_coef": 0.05, "routing__aux_loss_coef": 0.01,
-                           "drop_zero_spread": True, "ppo_epochs": 2},
-}  # fmt: skip
+    "grpo_dual_clip_token_tis": {
+        "objective__name": "grpo",
+        "objective__dual_clip": 3.0,
+        "rollout_correction__level": "token",
+    },
+    "rspo_icepop_tempered": {
+        "objective__name": "rspo",
+        "rollout__temperature": 0.7,
+        "rollout__top_p": 0.9,
+        "rollout_correction__level": "token",
+        "rollout_correction__mode": "mask",
+        "rollout_correction__low": 0.5,
+        "rollout_correction__reduce": "arithmetic",
+    },
+    "gspo_sequence_mask": {
+        "objective__name": "gspo",
+        "rollout_correction__level": "sequence",
+        "rollout_correction__mode": "mask",
+        "rollout_correction__low": 0.5,
+    },
+    "kl_aux_drop_epochs": {
+        "objective__name": "rspo",
+        "kl_coef": 0.05,
+        "routing__aux_loss_coef": 0.01,
+        "drop_zero_spread": True,
+        "ppo_epochs": 2,
+    },
+}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -137,8 +169,13 @@ def test_sampler_log_probs_reach_the_loss(tiny_policy, tmp_path, temperature, to
     assert (b.rollout_log_probs - b.old_log_probs)[keep].abs().max() < 2e-5
     assert b.rollout_stats["rollout/logp_diff_max"] < 2e-5 and abs(b.rollout_stats["rollout/ratio_mean"] - 1) < 1e-5
     assert "rollout/weight_mean" not in b.rollout_stats
-    over |= {"rollout_correction__level": "token", "rollout_correction__mode": "mask",
-             "rollout_correction__low": 1.5, "rollout_correction__high": 2.0, "objective__name": "grpo"}  # fmt: skip
+    over |= {
+        "rollout_correction__level": "token",
+        "rollout_correction__mode": "mask",
+        "rollout_correction__low": 1.5,
+        "rollout_correction__high": 2.0,
+        "objective__name": "grpo",
+    }
     tr = Trainer(tiny_cfg(tiny_policy, tmp_path / "b", **over), progress=False)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     tr.train()
@@ -158,8 +195,12 @@ def test_resume_after_kill_matches_uninterrupted(tiny_policy, tmp_path):
 
     save_config(tiny_cfg(tiny_policy, run, **over), cfg_file)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rspo.cli", "train", str(cfg_file)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rspo.cli", "train", str(cfg_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:  # kill -9 once step 3 is logged (the checkpoint is at step 2)
         if (run / "metrics.jsonl").exists() and any(r["step"] >= 3 for r in metrics(run)):
@@ -171,8 +212,13 @@ def test_resume_after_kill_matches_uninterrupted(tiny_policy, tmp_path):
     proc.wait()
     assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] in (2, 4)
     assert max(r["step"] for r in metrics(run)) < 5
-    r = subprocess.run([sys.executable, "-m", "rspo.cli", "train", "--resume", str(run)], env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "rspo.cli", "train", "--resume", str(run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = metrics(straight), metrics(run)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [0, 1, 2, 3, 4, 5]
@@ -238,7 +284,7 @@ def test_config_errors_name_the_field(tmp_path):
         build(TrainConfig, {"routing": {"control": "replay"}})
     with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['rollout.groupsize'\]"):
         build(TrainConfig, {"rollout": {"groupsize": 4}})
-    with pytest.raises(ConfigError, match="objective.name='ppo'; valid: grpo"):
+    with pytest.raises(ConfigError, match="objective.name: 'ppo' is not an objective; valid: grpo"):
         build(TrainConfig, {"objective": {"name": "ppo"}})
     with pytest.raises(ConfigError, match="mini_batch_size=48 must divide the rollout batch"):
         build(TrainConfig, {"mini_batch_size": 48})
@@ -253,10 +299,14 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="rollout_correction.reduce applies to level=token with a sequence"):
         rc = {"level": "token", "reduce": "arithmetic"}
         build(TrainConfig, {"objective": {"name": "grpo"}, "rollout_correction": rc})
-    with pytest.raises(ConfigError, match=r"dual_clip must be a number > 1 \+ clip_high"):
+    with pytest.raises(ConfigError, match=r"objective.dual_clip must be a number > 1 \+ objective.clip_high"):
         build(TrainConfig, {"objective": {"name": "grpo", "dual_clip": 1.1}})
     with pytest.raises(ConfigError, match="dual_clip"):
         build(TrainConfig, {"objective": {"name": "rspo", "dual_clip": 3.0}})
+    with pytest.raises(ConfigError, match=r"router_shift.placement set but router shift is off for 'grpo'"):
+        build(TrainConfig, {"objective": {"name": "grpo"}, "router_shift": {"placement": "before_clip"}})
+    with pytest.raises(ConfigError, match=r"router_shift.gamma_min: must be in \(0, 1\], got 1.5"):
+        build(TrainConfig, {"router_shift": {"gamma_min": 1.5}})
     cfg = load_config(TrainConfig, None, ["objective.name=gspo", "seed=3", "optim.lr=1e-3", "router_shift.top_k=null"])
     assert (cfg.objective.name, cfg.seed, cfg.optim.lr, cfg.router_shift.enabled) == ("gspo", 3, 1e-3, False)
 
@@ -264,8 +314,10 @@ def test_config_errors_name_the_field(tmp_path):
 def test_presets_load(tmp_path):
     """Every train preset loads and is in the paper's off-policy regime; the 30B preset with its data files
     pointed at the shipped ones (it names the user's files, which are not here)."""
-    shipped = ["task.options.train=[builtin:math/arith-train.jsonl]",
-               "task.options.eval={aime24: builtin:math/sample-plain.jsonl}"]  # fmt: skip
+    shipped = [
+        "task.options.train=[builtin:math/arith-train.jsonl]",
+        "task.options.eval={aime24: builtin:math/sample-plain.jsonl}",
+    ]
     configs = Path(__file__).resolve().parents[1] / "configs"
     for f in sorted(configs.glob("*.yaml")):
         if f.name.startswith(("study", "pretrain", "drift", "gradvar")):  # other commands' configs (below)
@@ -277,16 +329,16 @@ def test_presets_load(tmp_path):
     assert (big.max_new_tokens, big.dtype, big.device) == (8192, "bfloat16", "cuda")
     with pytest.raises(ConfigError, match="data file 'data/deepscaler/train.parquet' does not exist"):
         load_config(TrainConfig, configs / "math-qwen3-30b-a3b.yaml")
-    from rspo.pretrain import PretrainConfig
+    from rspo.lab.pretrain import PretrainConfig
 
     pre = load_config(PretrainConfig, configs / "pretrain-math-tiny.yaml")
     assert (pre.task.name, pre.tokenizer) == ("arithmetic", "bpe")
-    from rspo.drift import DriftConfig
+    from rspo.lab.drift import DriftConfig
 
     atlas = load_config(DriftConfig, configs / "drift-atlas.yaml")
     assert len(atlas.models) == 8 and len(atlas.regimes) == 4
-    from rspo.study import StudyConfig
-    from rspo.variance import GradVarConfig
+    from rspo.lab.gradvar import GradVarConfig
+    from rspo.lab.study import StudyConfig
 
     for f in sorted(configs.glob("gradvar-*.yaml")):
         gv = load_config(GradVarConfig, f)

@@ -25,15 +25,33 @@ def countdown_rows(n: int) -> list:
 
 
 def make_trainer(model, tok, tmp_path, **kw) -> RSPOTrainer:
-    args = dict(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], logging_steps=1,
-                per_device_train_batch_size=8, steps_per_generation=2, num_generations=4, max_completion_length=14,
-                max_steps=4, learning_rate=3e-3, save_strategy="no", seed=0, beta=0.0)  # fmt: skip
+    args = dict(
+        output_dir=str(tmp_path / "trl"),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        per_device_train_batch_size=8,
+        steps_per_generation=2,
+        num_generations=4,
+        max_completion_length=14,
+        max_steps=4,
+        learning_rate=3e-3,
+        save_strategy="no",
+        seed=0,
+        beta=0.0,
+    )
     args.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = countdown_rows(16)
-        return RSPOTrainer(model=model, reward_funcs=task_reward_func(COUNTDOWN, rows), args=RSPOConfig(**args),
-                           train_dataset=task_dataset(COUNTDOWN, rows), processing_class=tok)  # fmt: skip
+        return RSPOTrainer(
+            model=model,
+            reward_funcs=task_reward_func(COUNTDOWN, rows),
+            args=RSPOConfig(**args),
+            train_dataset=task_dataset(COUNTDOWN, rows),
+            processing_class=tok,
+        )
 
 
 @pytest.mark.parametrize("objective", ["rspo", "grpo_rs", "gspo_token"])
@@ -64,10 +82,16 @@ def test_loss_and_gradients_equal_our_trainer(tiny_policy, tmp_path, objective):
     tr.model.train()
     tr.current_gradient_accumulation_steps = 1
     p = b.prompt_len
-    inputs = {"prompt_ids": b.sequences[:, :p], "prompt_mask": b.attention_mask[:, :p],
-              "completion_ids": b.sequences[:, p:], "completion_mask": b.response_mask.long(),
-              "advantages": b.advantages, "old_per_token_logps": b.old_log_probs,
-              "router_old_idx": b.old.trace.topk_idx, "router_old_logp": b.old.trace.logp}  # fmt: skip
+    inputs = {
+        "prompt_ids": b.sequences[:, :p],
+        "prompt_mask": b.attention_mask[:, :p],
+        "completion_ids": b.sequences[:, p:],
+        "completion_mask": b.response_mask.long(),
+        "advantages": b.advantages,
+        "old_per_token_logps": b.old_log_probs,
+        "router_old_idx": b.old.trace.topk_idx,
+        "router_old_logp": b.old.trace.logp,
+    }
     loss_b = tr._compute_loss(tr.model, inputs)
     loss_b.backward()
     grads_b = {n: q.grad for n, q in tr.model.named_parameters() if q.grad is not None}
@@ -177,8 +201,18 @@ def test_two_cpu_processes(tiny_policy, tmp_path):
     with socket.socket() as s:  # a free port: a fixed one can still be taken (TIME_WAIT, another run)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(script), tiny_policy, str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(script),
+        tiny_policy,
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -199,13 +233,32 @@ def test_math_task_with_chat_prompts(family_dirs, tmp_path):
     reward = task_reward_func(task, examples)
     assert reward(None, ["ab", [{"role": "assistant", "content": "abc"}]], [0, 1]) == [1.0, 0.0]
     pol = load_policy(family_dirs["tiny-qwen3-moe"])
-    args = dict(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], logging_steps=1,
-                per_device_train_batch_size=8, steps_per_generation=2, num_generations=4, max_completion_length=8,
-                max_steps=2, learning_rate=1e-2, save_strategy="no", seed=0, beta=0.0, objective="rspo")  # fmt: skip
+    args = dict(
+        output_dir=str(tmp_path / "trl"),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        per_device_train_batch_size=8,
+        steps_per_generation=2,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        save_strategy="no",
+        seed=0,
+        beta=0.0,
+        objective="rspo",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tr = RSPOTrainer(model=pol.model, reward_funcs=reward, args=RSPOConfig(**args), train_dataset=ds,
-                         processing_class=pol.tokenizer)  # fmt: skip
+        tr = RSPOTrainer(
+            model=pol.model,
+            reward_funcs=reward,
+            args=RSPOConfig(**args),
+            train_dataset=ds,
+            processing_class=pol.tokenizer,
+        )
         tr.train()
     gammas = _gamma_log(tr)
     assert len(gammas) == 2 and gammas[0] == 1.0 and gammas[1] < 1.0

@@ -41,11 +41,13 @@ def batch(tiny_policy):
     model, tok = pol.model, pol.tokenizer
     stream = COUNTDOWN.train_examples(seed=5)
     rows = [next(stream) for _ in range(4)]
-    from rspo.policy import HFSampler, response_log_probs
+    from rspo.logprobs import response_log_probs
     from rspo.routing.step import RoutingOptions, RoutingStep
+    from rspo.sampler import HFSampler
 
-    gen = HFSampler(pol).sample([COUNTDOWN.prompt(x) for x in rows for _ in range(4)], max_new_tokens=T_MAX,
-                                temperature=1.0, seed=0)  # fmt: skip
+    gen = HFSampler(pol).sample(
+        [COUNTDOWN.prompt(x) for x in rows for _ in range(4)], max_new_tokens=T_MAX, temperature=1.0, seed=0
+    )
     mask = gen.response_mask.long()
     s, t = gen.sequences.shape[1], mask.shape[1]
     with torch.no_grad(), RoutingStep(model, RoutingOptions()).capture(slice(s - t - 1, s - 1)) as rec:
@@ -59,11 +61,18 @@ def batch(tiny_policy):
     adv = torch.randn(mask.shape[0], generator=g)
     p = gen.prompt_len
     # num_items_in_batch: the generation batch's tokens, in two micro-batches (the other one 10 tokens longer)
-    inputs = {"prompt_ids": gen.sequences[:, :p], "prompt_mask": gen.attention_mask[:, :p],
-              "completion_ids": gen.sequences[:, p:], "completion_mask": mask, "advantages": adv,
-              "old_per_token_logps": old, "sampling_per_token_logps": sampling,
-              "num_items_in_batch": mask.sum() * 2 + 10,
-              "router_old_idx": rec.trace.topk_idx, "router_old_logp": rec.trace.logp}  # fmt: skip
+    inputs = {
+        "prompt_ids": gen.sequences[:, :p],
+        "prompt_mask": gen.attention_mask[:, :p],
+        "completion_ids": gen.sequences[:, p:],
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "sampling_per_token_logps": sampling,
+        "num_items_in_batch": mask.sum() * 2 + 10,
+        "router_old_idx": rec.trace.topk_idx,
+        "router_old_logp": rec.trace.logp,
+    }
     return model, tok, rows, inputs
 
 
@@ -80,14 +89,32 @@ def _trl_is_ratio(old, sampling, mask, mode, lo, hi):
 
 
 def _trainer(cls, cfg_cls, model, tok, rows, tmp_path, **kw):
-    args = dict(output_dir=str(tmp_path / cls.__name__), use_cpu=True, bf16=False, report_to=[], logging_steps=1,
-                per_device_train_batch_size=8, steps_per_generation=2, num_generations=4, max_completion_length=T_MAX,
-                max_steps=1, learning_rate=1e-3, save_strategy="no", seed=0, beta=0.0)  # fmt: skip
+    args = dict(
+        output_dir=str(tmp_path / cls.__name__),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        per_device_train_batch_size=8,
+        steps_per_generation=2,
+        num_generations=4,
+        max_completion_length=T_MAX,
+        max_steps=1,
+        learning_rate=1e-3,
+        save_strategy="no",
+        seed=0,
+        beta=0.0,
+    )
     args.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls(model=copy.deepcopy(model), reward_funcs=task_reward_func(COUNTDOWN, rows), args=cfg_cls(**args),
-                   train_dataset=task_dataset(COUNTDOWN, rows), processing_class=tok)  # fmt: skip
+        return cls(
+            model=copy.deepcopy(model),
+            reward_funcs=task_reward_func(COUNTDOWN, rows),
+            args=cfg_cls(**args),
+            train_dataset=task_dataset(COUNTDOWN, rows),
+            processing_class=tok,
+        )
 
 
 IS_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
@@ -105,10 +132,17 @@ CASES = {
     "beta_plain_grpo": {"beta": 0.05, "use_bias_correction_kl": False, "loss_type": "grpo"},
     "entropy_coef": {"entropy_coef": 0.01, "top_entropy_quantile": 0.5},
     "aux_loss": {"router_aux_loss_coef": 0.01},
-    "everything": {"vllm": "token_mask", "vllm_importance_sampling_clip_min": 0.5, "off_policy_mask_threshold": 0.02,
-                   "top_entropy_quantile": 0.6, "beta": 0.05, "entropy_coef": 0.01, "delta": 1.5,
-                   "router_aux_loss_coef": 0.01},
-}  # fmt: skip
+    "everything": {
+        "vllm": "token_mask",
+        "vllm_importance_sampling_clip_min": 0.5,
+        "off_policy_mask_threshold": 0.02,
+        "top_entropy_quantile": 0.6,
+        "beta": 0.05,
+        "entropy_coef": 0.01,
+        "delta": 1.5,
+        "router_aux_loss_coef": 0.01,
+    },
+}
 GSPO = {"importance_sampling_level": "sequence", "loss_type": "grpo", "epsilon": 3e-3, "epsilon_high": 4e-3}
 GSPO_CASES = {
     "gspo": {},
@@ -232,9 +266,9 @@ def test_an_unknown_option_set_is_an_error(monkeypatch):
         ({"importance_sampling_level": "token"}, "contradicts objective 'rspo'"),
         ({"importance_sampling_level": "sequence", "objective": "grpo"}, "contradicts objective 'grpo'"),
         ({"delta": 2.0}, "delta .* does not apply to 'rspo'"),
-        ({"delta": 1.1, "objective": "grpo"}, "dual_clip must be a number > 1 \\+ clip_high"),
+        ({"delta": 1.1, "objective": "grpo"}, "delta must be a number > 1 \\+ epsilon_high"),
         ({"rollout_weights_reduce": "geometric", "objective": "grpo"}, "rollout_weights_reduce applies to sequence"),
-        ({"epsilon": -0.1, "objective": "grpo"}, "clip_low"),
+        ({"epsilon": -0.1, "objective": "grpo"}, "epsilon must be a finite number >= 0"),
         ({"rollout_weights_reduce": "median"}, "rollout_weights_reduce='median'"),
     ],
 )

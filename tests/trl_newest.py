@@ -22,8 +22,21 @@ TESTS = ["tests/test_trl_loss.py", "tests/test_trl_integration.py", "tests/test_
 def main(version: str | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dl = Path(tmp) / "dl"
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--dest", str(dl), f"trl=={version}" if version else "trl"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--dest",
+                str(dl),
+                f"trl=={version}" if version else "trl",
+            ],
+            check=True,
+        )
         wheel = next(dl.glob("trl-*.whl"))
         newest = re.match(r"trl-([^-]+)-", wheel.name).group(1)
         print(f"{'requested' if version else 'newest'} TRL: {newest}; installed (pinned): {trl.__version__}")
@@ -31,8 +44,9 @@ def main(version: str | None = None) -> int:
             print("the newest release is the pinned one: `make test` already runs the TRL tests against it")
             return 0
         site = Path(tmp) / "site"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True
+        )
         env = {"PYTHONPATH": f"{site}:{ROOT / 'src'}", "PATH": "/usr/bin:/bin"}
         print(f"running {' '.join(TESTS)} against trl {newest} (failures here mean rspo needs an update)")
         return subprocess.run([sys.executable, "-m", "pytest", "-q", *TESTS], cwd=ROOT, env=env).returncode

@@ -10,11 +10,11 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "compute_policy_loss", "list_objectives", "objectives", "routing"]
+__all__ = ["__version__", "compute_policy_loss", "list_objectives", "objectives", "options", "routing"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("objectives", "routing"):
+    if name in ("objectives", "options", "routing"):
         return importlib.import_module(f"rspo.{name}")
     if name in ("compute_policy_loss", "list_objectives"):
         return getattr(importlib.import_module("rspo.objectives"), name)

@@ -18,12 +18,13 @@ import itertools
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from rspo.errors import ConfigError, brief
+from rspo.errors import ConfigError, FieldError, brief
 
 T = TypeVar("T")
 
@@ -128,24 +129,34 @@ def suggest(name: str, cls: type, where: str = "") -> str | None:
     return prefix + close[0] if close else None
 
 
-def build(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Instantiate dataclass ``cls`` from a (nested) mapping, checking every key and type."""
+def build(cls: type[T], data: dict[str, Any] | None, where: str = "", *, name: Callable[[str], str] | None = None) -> T:
+    """Instantiate dataclass ``cls`` from a (nested) mapping, checking every key and type.
+
+    Errors name a field ``where.field`` (sections recursively), or as ``name(field)`` spells it for an engine
+    with its own names (flat TRL fields, verl's config keys); a :class:`~rspo.errors.FieldError` raised by
+    the dataclass's own checks is renamed the same way.
+    """
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    spell = name or (lambda f: f"{where}.{f}" if where else f)
     unknown = sorted(str(k) for k in set(data) - set(names))
     if unknown:
-        prefix = f"{where}." if where else ""
-        near = {k: s for k in unknown if (s := suggest(k, cls, where))}
+        near = {k: s for k in unknown if (s := suggest(k, cls, where))} if name is None else {}
         if len(unknown) == 1 and near:
             hint = f" (did you mean {near[unknown[0]]}?)"
         else:
-            hint = f" (did you mean {', '.join(f'{s} for {prefix}{k}' for k, s in near.items())}?)" if near else ""
-        raise ConfigError(f"unknown config field(s) {brief([prefix + k for k in unknown])}{hint}; valid fields of "
-                          f"{where or cls.__name__}: {', '.join(names)}")  # fmt: skip
-    kwargs = {k: check_value(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+            hint = f" (did you mean {', '.join(f'{s} for {spell(k)}' for k, s in near.items())}?)" if near else ""
+        valid = ", ".join(names if name is None else map(spell, names))
+        raise ConfigError(
+            f"unknown config field(s) {brief([spell(k) for k in unknown])}{hint}; valid fields of "
+            f"{where or cls.__name__}: {valid}"
+        )
+    kwargs = {k: check_value(hints[k], v, spell(k)) for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except FieldError as e:
+        raise ConfigError(f"{spell(e.field)}: {e.message}") from None
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
@@ -213,8 +224,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for a, b in itertools.pairwise(body):
-            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):  # fmt: skip
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
                 docs[a.target.id] = " ".join(b.value.value.split())
     return docs
 

@@ -117,8 +117,11 @@ def _log_ratios(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor) 
 
 def _ratio_metrics(r: Tensor) -> dict[str, float]:
     n, nan_f = r.numel(), float("nan")
-    return {"rollout/ratio_min": float(r.min()) if n else nan_f, "rollout/ratio_mean": float(r.mean()) if n else nan_f,
-            "rollout/ratio_max": float(r.max()) if n else nan_f}  # fmt: skip
+    return {
+        "rollout/ratio_min": float(r.min()) if n else nan_f,
+        "rollout/ratio_mean": float(r.mean()) if n else nan_f,
+        "rollout/ratio_max": float(r.max()) if n else nan_f,
+    }
 
 
 def _token_metrics(d: Tensor, keep: Tensor, nan: Tensor) -> dict[str, float]:
@@ -177,10 +180,11 @@ def rollout_weights(
         metrics = {
             **_ratio_metrics(r[unit]),
             "rollout/weight_mean": float(w[unit].mean()) if n else float("nan"),
-            f"rollout/{'truncated' if corr.mode == 'truncate' else 'masked'}_frac":
-                float(outside[unit].double().mean()) if n else 0.0,
+            f"rollout/{'truncated' if corr.mode == 'truncate' else 'masked'}_frac": float(outside[unit].double().mean())
+            if n
+            else 0.0,
             **_token_metrics(d, keep, nan),
-        }  # fmt: skip
+        }
     return w, metrics
 
 

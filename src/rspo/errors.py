@@ -31,6 +31,16 @@ class ConfigError(RspoError):
     """A configuration value that cannot be accepted; the message names the field."""
 
 
+class FieldError(ConfigError):
+    """A value that a config dataclass's own checks reject, for one field. :func:`rspo.config.build` names the
+    field as the user spelled it (``router_shift.gamma_min``, ``router_shift_gamma_min`` in TRL,
+    ``actor_rollout_ref.rspo.gamma_min`` in verl)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 class RunDirError(RspoError):
     """A directory a command may not write into, or a run directory it cannot continue."""
 

@@ -1,12 +1,12 @@
 """Evaluation of a policy on a task: greedy pass@1, sampled avg@n and the unbiased pass@k, per benchmark.
 
-The trainer's periodic validation and ``rspo eval`` use the same :func:`evaluate`. Correctness is the
-task's ``Verdict.correct`` (never a reason string); the response length is the task's unless given.
+The trainer's periodic validation and ``rspo eval`` (:class:`EvalConfig`, :func:`run_eval`) use the same
+:func:`evaluate`. Correctness is the task's ``Verdict.correct`` (never a reason string); the response length
+is the task's unless given.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -16,9 +16,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rspo.policy import HFSampler, Policy, Sampler
-from rspo.scoring import Scorer
-from rspo.tasks import Task
+from rspo.errors import FieldError
+from rspo.policy import Device, DType, Policy
+from rspo.sampler import HFSampler, Sampler
+from rspo.scoring import Scorer, ScoringConfig
+from rspo.tasks import Task, TaskConfig
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -94,13 +96,30 @@ def evaluate(
     for ci, start in enumerate(chunks):
         chunk = items[start : start + batch_size]
         prompts = [task.prompt(ex) for ex in chunk]
-        gen = sampler.sample(prompts, max_new_tokens=max_new, greedy=greedy, temperature=temperature, top_p=top_p,
-                             seed=None if greedy else seed + ci, stop_strings=task.stop_strings)  # fmt: skip
+        gen = sampler.sample(
+            prompts,
+            max_new_tokens=max_new,
+            greedy=greedy,
+            temperature=temperature,
+            top_p=top_p,
+            seed=None if greedy else seed + ci,
+            stop_strings=task.stop_strings,
+        )
         scored = scorer.score(gen.texts, chunk)
         for j, (ex, prompt, text) in enumerate(zip(chunk, prompts, gen.texts, strict=True)):
-            records.append({**task.record(ex), "prompt": policy.render(prompt), "response": text,
-                            "reward": scored.rewards[j], "reason": scored.reasons[j],
-                            "correct": scored.correct[j], "sample": (start + j) % n})  # fmt: skip
+            group = task.group(ex)
+            records.append(
+                {
+                    **task.record(ex),
+                    **({"group": group} if group is not None else {}),
+                    "prompt": policy.render(prompt),
+                    "response": text,
+                    "reward": scored.rewards[j],
+                    "reason": scored.reasons[j],
+                    "correct": scored.correct[j],
+                    "sample": (start + j) % n,
+                }
+            )
         bar.update(len(chunk))
     bar.close()
     if own:
@@ -118,14 +137,6 @@ def evaluate(
         reasons=Counter(r["reason"] for r in records),
         records=records,
     )
-
-
-def write_jsonl(path: str | Path, records: Sequence[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
 
 
 def results_table(results: dict[str, dict[str, EvalResult]]) -> tuple[str, dict[str, Any]]:
@@ -152,8 +163,131 @@ def results_table(results: dict[str, dict[str, EvalResult]]) -> tuple[str, dict[
     data["average"] = {k: sum(r[k] for r in rows) / len(rows) for k in keys} if rows else {}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in data.items():
-        cells = [name, str(row.get("examples", ""))] + [f"{row[k]:.1%}" if k in row else "" for k in
-                                                         ["greedy_pass@1"] + ([f"avg@{n}"] if n else [])
-                                                         + [f"pass@{k}" for k in ks]]  # fmt: skip
+        cells = [name, str(row.get("examples", ""))] + [
+            f"{row[k]:.1%}" if k in row else ""
+            for k in ["greedy_pass@1"] + ([f"avg@{n}"] if n else []) + [f"pass@{k}" for k in ks]
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), data
+
+
+# ----------------------------------------------------------------------------------------
+# rspo eval
+# ----------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """``rspo eval``: a policy on one or several benchmarks (YAML plus dotted overrides, like ``rspo train``)."""
+
+    model: str = "base"
+    """Policy: a checkpoint directory, a hub id (from the local cache), base, or builtin:NAME."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The task and its options; benchmarks of the math and code tasks are task.options.eval.NAME=PATH."""
+    splits: list[str] = field(default_factory=list)
+    """Splits to evaluate; [] = every task.options.eval file if given, else the task's last split (countdown: test)."""
+    n: int = 1
+    """Sampled responses per example for avg@n and pass@k (0: greedy only)."""
+    temperature: float = 1.0
+    """Sampling temperature of the sampled pass."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of the sampled pass, in (0, 1]."""
+    max_new_tokens: int | None = None
+    """Response length limit; None = the task's."""
+    limit: int | None = None
+    """Evaluate only the first N examples of each split."""
+    batch_size: int = 128
+    """Responses generated at once."""
+    seed: int = 0
+    """Seed of the sampled pass (per chunk: seed + chunk index)."""
+    threads: int = 2
+    """torch CPU threads."""
+    device: Device = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    dtype: DType = "float32"
+    """float32 or bfloat16."""
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    """The reward calls' time and memory bounds."""
+    out_dir: str | None = None
+    """results.md, results.json and responses-SPLIT.jsonl; None = runs/eval/<model>-<task>."""
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise FieldError("n", f"must be >= 0 (0: greedy only), got {self.n}")
+        if not self.temperature > 0:
+            raise FieldError("temperature", f"must be a finite number > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise FieldError("top_p", f"must be in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise FieldError(name, f"must be >= 1 (or null), got {v}")
+        for name in ("batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+def run_eval(cfg: EvalConfig, overwrite: bool = False, progress: bool = True) -> Path:
+    """Evaluate ``cfg.model`` on the splits (greedy pass@1, and avg@n with pass@k when ``n`` > 0), print a table,
+    and write results.md, results.json and every response into ``out_dir``; returns the directory. Everything
+    that can be wrong with the input fails before a file is written."""
+    import torch
+
+    from rspo.policy import load_policy, resolve_model_path
+    from rspo.rundir import RunDir
+
+    task = cfg.task.build()
+    splits = cfg.splits or (list(cfg.task.options["eval"]) if cfg.task.options.get("eval") else task.eval_splits()[-1:])
+    for split in splits:
+        task.eval_examples(split)  # an unknown split fails before the model is loaded
+    model_path = resolve_model_path(cfg.model)
+    out_dir = cfg.out_dir or f"runs/eval/{Path(model_path).name}-{task.name}"
+    torch.set_num_threads(cfg.threads)
+    loaded: list[Policy] = []  # the model loads (and fails on a bad checkpoint) before the directory is made
+    run = RunDir.open_run(
+        out_dir,
+        "eval",
+        overwrite=overwrite,
+        before_create=lambda: loaded.append(load_policy(model_path, device=cfg.device, dtype=cfg.dtype)),
+    )
+    policy = loaded[0]
+    scorer = cfg.scoring.scorer(task)
+    results: dict = {}
+    common = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "scorer": scorer,
+        "progress": progress,
+    }
+    try:
+        for split in splits:
+            examples = task.eval_examples(split)[: cfg.limit]
+            print(f"{split}: {len(examples)} examples")
+            res = {"greedy": evaluate(policy, task, examples, greedy=True, **common)}
+            if cfg.n:
+                res["sampled"] = evaluate(
+                    policy,
+                    task,
+                    examples,
+                    greedy=False,
+                    n=cfg.n,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    **common,
+                )
+            for r in res.values():
+                print("  " + r.summary())
+            records = [{**rec, "mode": r.mode} for r in res.values() for rec in r.records]
+            run.write_jsonl(f"responses-{split}.jsonl", records)
+            results[split] = res
+    finally:
+        scorer.close()
+        run.close()
+    table, data = results_table(results)
+    settings = (
+        f"model {model_path}, task {task.name}, greedy and {cfg.n} sampled response(s) per example "
+        f"at T={cfg.temperature:g}, top-p {cfg.top_p:g}, seed {cfg.seed}"
+    )
+    run.write_text("results.md", f"# Evaluation\n\n{settings}\n\n{table}\n")
+    run.write_json("results.json", {"settings": settings, "results": data})
+    print(f"\n{table}\n\nresults and responses: {run.path}")
+    return run.path

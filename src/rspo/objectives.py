@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple, get_args
 import torch
 
 from rspo.errors import NonFiniteError
-from rspo.routing.shift import gamma_metrics, router_clip_mask
+from rspo.routing.shift import router_clip_mask
 
 Tensor = torch.Tensor
 
@@ -490,9 +490,18 @@ def gmpo(
     Use ``rspo`` for GMPO with router shift.
     """
     return _geometric_mean_terms(
-        log_probs, old_log_probs, advantages, response_mask, None, clip_low, clip_high,
-        "after_clip", "weight", None, rollout_weights,
-    )  # fmt: skip
+        log_probs,
+        old_log_probs,
+        advantages,
+        response_mask,
+        None,
+        clip_low,
+        clip_high,
+        "after_clip",
+        "weight",
+        None,
+        rollout_weights,
+    )
 
 
 @register_objective(
@@ -542,9 +551,18 @@ def rspo(
             "it cannot be combined with router_shift_placement='before_clip'"
         )
     return _geometric_mean_terms(
-        log_probs, old_log_probs, advantages, response_mask, router_shift, clip_low, clip_high,
-        router_shift_placement, router_shift_form, router_clip_mask, rollout_weights,
-    )  # fmt: skip
+        log_probs,
+        old_log_probs,
+        advantages,
+        response_mask,
+        router_shift,
+        clip_low,
+        clip_high,
+        router_shift_placement,
+        router_shift_form,
+        router_clip_mask,
+        rollout_weights,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -666,9 +684,10 @@ def compute_policy_loss(
         ``loss/policy``, ``clip_ratio/{low,high,region}_mean`` (share of response tokens whose
         clip is active), ``ratio/{mean,std,max,min}`` (raw token ratio w over the mask,
         population std), ``kl/approx`` (mean of the k3 estimator (w - 1) - dl of KL(old||new)),
-        with gamma ``router/gamma_mean``, ``router/gamma_p10``, ``router/gamma_min``, and
-        ``router/clip_frac`` (if a threshold is given), with rollout weights ``rollout/weight_mean``
-        and ``rollout/weight_zero_frac`` (over tokens, or sequences for sequence objectives).
+        ``router/clip_frac`` (with ``router_clip_threshold``: the share of tokens with gamma below it),
+        with rollout weights ``rollout/weight_mean`` and ``rollout/weight_zero_frac`` (over tokens, or
+        sequences for sequence objectives). What the loss does not know (gamma's distribution, the
+        routing) is :func:`rspo.routing.step.router_metrics`.
     """
     obj = get_objective(name)
     hp = check_hparams(name, router_shift=router_shift is not None, **hparams)
@@ -761,8 +780,10 @@ def _rollout_weights(obj: Objective, w: Any, mask: Tensor, reduce: WeightsReduce
     vals = w[keep]
     if vals.numel() and not bool((torch.isfinite(vals) & (vals >= 0)).all()):
         bad = vals[~(torch.isfinite(vals) & (vals >= 0))]
-        raise ValueError(f"rollout_weights must be finite and >= 0 on response tokens; got {bad[:3].tolist()} "
-                         f"({bad.numel()} such values)")  # fmt: skip
+        raise ValueError(
+            f"rollout_weights must be finite and >= 0 on response tokens; got {bad[:3].tolist()} "
+            f"({bad.numel()} such values)"
+        )
     one = torch.ones((), dtype=w.dtype, device=w.device)
     w = torch.where(keep, w, one)  # padding: anything (NaN included) becomes a neutral 1
     if obj.level == "token":
@@ -801,8 +822,9 @@ def _metrics(
         "ratio/min": float(w.min()) if n else nan,
         "kl/approx": float((w - 1 - dl).mean()) if n else 0.0,
     }
-    if gamma is not None:
-        out.update(gamma_metrics(gamma, mask, None, hp["router_clip_threshold"]))
+    if gamma is not None and hp["router_clip_threshold"] is not None:  # the loss's own option (router_clip_*)
+        below = gamma.detach()[sel] < hp["router_clip_threshold"]
+        out["router/clip_frac"] = float(below.double().mean()) if n else 0.0
     return out
 
 

@@ -81,11 +81,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def is_collapsed(accuracy: float, best: float, drop: float, min_best: float = 0.05) -> bool:
-    """The collapse rule: accuracy below ``(1 - drop)`` x the running best, once the best is >= ``min_best``."""
-    return best >= min_best and accuracy < (1 - drop) * best
-
-
 # ----------------------------------------------------------------------------------------
 # Metrics files
 # ----------------------------------------------------------------------------------------
@@ -214,6 +209,33 @@ class RunDir:
         return cls(path, kind, marker)
 
     @classmethod
+    def open_run(
+        cls,
+        path: str | Path,
+        kind: str,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        before_create: Callable[[], None] | None = None,
+    ) -> RunDir:
+        """The one call that opens a command's run directory for writing, locked until :meth:`close`.
+
+        ``resume``: the run of ``kind`` there, to continue. Otherwise a new run (created, an empty directory,
+        or with ``overwrite`` the same kind's earlier run), made only after ``before_create`` (the command's
+        input checks and slow set-up) has passed, so bad input fails before anything is written."""
+        if resume:
+            if overwrite:
+                raise RunDirError("--resume continues a run and --overwrite replaces one: choose one")
+            run = cls.existing(path, kind)
+        else:
+            cls.check_new(path, kind, overwrite=overwrite)
+            if before_create is not None:
+                before_create()
+            run = cls.create(path, kind, overwrite=overwrite)
+        run.lock()
+        return run
+
+    @classmethod
     def open_or_create(cls, path: str | Path, kind: str) -> RunDir:
         """Continue the run of ``kind`` in ``path`` if there is one, else create it (studies, reports)."""
         path = Path(path)
@@ -259,6 +281,20 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any) -> Path:
         return self.write_text(name, json.dumps(obj, indent=1))
+
+    def write_jsonl(self, name: str, records: Iterable[dict[str, Any]]) -> Path:
+        """One JSON object per line (responses, per-step records), written atomically."""
+        return self.write_text(name, "".join(json.dumps(r) + "\n" for r in records))
+
+    def write_under(self, entry: str, name: str, text: str) -> Path:
+        """``text`` into file ``name`` of the sub-directory ``entry`` (claimed, created if absent), atomically:
+        for caches and per-item files inside a directory the run owns."""
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"file name {name!r} inside {entry!r} must be a plain name")
+        d = self.claim(entry)
+        d.mkdir(exist_ok=True)
+        _write_atomic(d / name, text)
+        return d / name
 
     def write_config(self, cfg: Any, name: str = CONFIG) -> Path:
         import yaml

@@ -205,8 +205,9 @@ def isolation() -> list[str]:
     if p["landlock"]:
         extra = ", no TCP" if p["landlock"] >= 4 else ""
         extra += ", no signals outside" if p["landlock"] >= 6 else ""
-        layers.append(f"landlock ABI {p['landlock']}: reads only the interpreter and system dirs, writes only the "
-                      f"work dir{extra}")  # fmt: skip
+        layers.append(
+            f"landlock ABI {p['landlock']}: reads only the interpreter and system dirs, writes only the work dir{extra}"
+        )
     if p["cgroup"]:
         layers.append("pids cgroup per run: process limit, every process killed at the end")
     return layers
@@ -310,10 +311,18 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> RunR
     host_work = tempfile.mkdtemp(prefix="rspo-sbx-")
     cgroup = _new_cgroup(p["cgroup"], limits.processes) if p["cgroup"] else None
     code_r, code_w = os.pipe()
-    spec = {"work": host_work, "mount": p["namespaces"], "limits": asdict(limits), "code_fd": code_r,
-            "file_kb": limits.file_mb * 1024, "python": _interpreter(), "private": _private_dirs(),
-            "cgroup": os.path.join(cgroup, "cgroup.procs") if cgroup else None, "readable": _readable(),
-            "landlock": {"abi": p["landlock"]} if p["landlock"] else None}  # fmt: skip
+    spec = {
+        "work": host_work,
+        "mount": p["namespaces"],
+        "limits": asdict(limits),
+        "code_fd": code_r,
+        "file_kb": limits.file_mb * 1024,
+        "python": _interpreter(),
+        "private": _private_dirs(),
+        "cgroup": os.path.join(cgroup, "cgroup.procs") if cgroup else None,
+        "readable": _readable(),
+        "landlock": {"abi": p["landlock"]} if p["landlock"] else None,
+    }
     cmd = [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(spec)]
     if p["namespaces"]:
         ns = ["unshare", "--fork", "--pid", "--mount-proc", "--net", "--mount", "--ipc", "--uts", "--kill-child"]
@@ -321,9 +330,16 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> RunR
     t0 = time.monotonic()
     try:
         with _active_lock:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=(code_r,), start_new_session=True, env={"PATH": "/usr/bin:/bin"},
-                                    cwd=host_work)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(code_r,),
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin"},
+                cwd=host_work,
+            )
             _active.add(proc.pid)
     except OSError as e:
         os.close(code_r)
@@ -349,8 +365,9 @@ def run_python(code: str, stdin: str = "", limits: Limits | None = None) -> RunR
     return RunResult(status, rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), wall)
 
 
-def _communicate(proc: subprocess.Popen, code: str, code_w: int, stdin: str, limits: Limits,
-                 t0: float) -> tuple[Status | None, bytes, bytes]:  # fmt: skip
+def _communicate(
+    proc: subprocess.Popen, code: str, code_w: int, stdin: str, limits: Limits, t0: float
+) -> tuple[Status | None, bytes, bytes]:
     """Feed the program and its input, read stdout and stderr up to the cap, enforce the wall clock."""
     feeds = {code_w: code.encode("utf-8", "replace"), proc.stdin.fileno(): stdin.encode()}
     closers = {code_w: lambda: os.close(code_w), proc.stdin.fileno(): proc.stdin.close}

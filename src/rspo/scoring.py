@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from rspo.errors import ConfigError
+from rspo.errors import ConfigError, FieldError
 
 REWARD_ERROR, REWARD_TIMEOUT = "reward_error", "reward_timeout"
 FLOAT32_MAX = 3.4028234663852886e38
@@ -323,6 +323,32 @@ class Scorer:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+@dataclass
+class ScoringConfig:
+    """The ``scoring`` section of ``rspo train`` and ``rspo eval``: the reward calls' time and memory bounds."""
+
+    timeout_s: float | None = 10.0
+    """Seconds one reward call may take: calls run in a scoring worker process that is killed after this
+    (reward 0, counted in reward/timeouts); null = call in-process without a time bound."""
+    workers: int = 1
+    """Scoring worker processes (responses interleaved); more helps slow verifiers."""
+    max_rss_mb: float | None = 1024.0
+    """A worker whose resident memory is above this (MiB) after a call is replaced by a fresh one (no verdict
+    lost; counted in reward/worker_recycles); its address space is capped at twice this; null = no limit."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise FieldError("timeout_s", f"must be > 0 (or null), got {self.timeout_s}")
+        if self.workers < 1:
+            raise FieldError("workers", f"must be >= 1, got {self.workers}")
+        if self.max_rss_mb is not None and self.max_rss_mb < MIN_RSS_MB:
+            raise FieldError("max_rss_mb", f"must be >= {MIN_RSS_MB:g} (or null), got {self.max_rss_mb}")
+
+    def scorer(self, reward_fn: Callable | Any) -> Scorer:
+        """A :class:`Scorer` of ``reward_fn`` with these bounds."""
+        return Scorer(reward_fn, timeout_s=self.timeout_s, workers=self.workers, max_rss_mb=self.max_rss_mb)
 
 
 def score(

@@ -21,7 +21,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,14 @@ from rspo.config import load_config
 from rspo.correction import mismatch_metrics
 from rspo.errors import CheckpointError, ConfigError, NonFiniteError
 from rspo.evaluate import evaluate
+from rspo.logprobs import response_log_probs
 from rspo.objectives import compute_policy_loss, masked_mean
-from rspo.policy import HFSampler, load_policy, resolve_model_path, response_log_probs
+from rspo.options import Options
+from rspo.policy import load_policy, resolve_model_path
 from rspo.routing import RouterTrace
 from rspo.routing.step import OldTrace, RoutingStep
-from rspo.rundir import RunDir, crash_point, is_collapsed, load_tensors
+from rspo.rundir import RunDir, crash_point, load_tensors
+from rspo.sampler import HFSampler
 from rspo.scoring import REWARD_ERROR, REWARD_TIMEOUT, Scorer
 from rspo.tasks import make_task
 from rspo.train_config import TrainConfig
@@ -87,6 +90,11 @@ class RolloutBatch:
         return self.response_mask.shape[1]
 
 
+def is_collapsed(accuracy: float, best: float, drop: float, min_best: float = 0.05) -> bool:
+    """The collapse rule: accuracy below ``(1 - drop)`` x the running best, once the best is >= ``min_best``."""
+    return best >= min_best and accuracy < (1 - drop) * best
+
+
 def group_advantages(rewards: Tensor, group_size: int, mode: str) -> tuple[Tensor, Tensor]:
     """(advantages (B,), zero_spread (n_groups,) bool): r - mean, divided by the group std for 'grpo'."""
     r = rewards.view(-1, group_size)  # (n_groups, G)
@@ -100,6 +108,31 @@ def group_advantages(rewards: Tensor, group_size: int, mode: str) -> tuple[Tenso
 # ----------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------
+@dataclass
+class TrainerState:
+    """What a run carries from step to step, saved whole in every checkpoint (``trainer_state.json``, with the
+    Python RNG state) and loaded whole on resume."""
+
+    step: int = 0
+    data_pos: int = 0  # examples drawn from the task's training stream (the stream is replayed to here)
+    opt_steps: int = 0
+    best_val: float = -1.0
+    last_val: float = math.nan
+    collapse_step: int | None = None
+    bad_steps: int = 0  # non-finite losses in a row
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainerState:
+        return cls(**{k: data[k] for k in cls.names()})
+
+
 class Trainer:
     """The RL loop over a run directory.
 
@@ -114,19 +147,14 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         torch.set_num_threads(cfg.threads)
         self.model_path = resolve_model_path(cfg.model)
-        self.step, self.data_pos, self.opt_steps = 0, 0, 0
-        self.best_val, self.collapse_step, self.bad_steps = -1.0, None, 0
-        self.last_val = float("nan")
+        self.state = TrainerState()
         self._reward_messages: set[str] = set()
         self.hparams = cfg.objective_hparams()
         self.correction = cfg.rollout_correction.build()
-        if resume:
-            self.run = RunDir.existing(self.out, "train")
-        else:  # everything that can be wrong with the input is found before the directory is touched
-            RunDir.check_new(self.out, "train", overwrite=overwrite)
-            self._setup(self.model_path)
-            self.run = RunDir.create(self.out, "train", overwrite=overwrite)
-        self.run.lock()
+        # a new run: everything that can be wrong with the input is found before the directory is touched
+        self.run = RunDir.open_run(
+            self.out, "train", resume=resume, overwrite=overwrite, before_create=lambda: self._setup(self.model_path)
+        )
         try:
             if resume:
                 ckpt = self.run.latest_checkpoint()  # recovers a kill during the checkpoint swap
@@ -142,7 +170,7 @@ class Trainer:
             self.run.close()
             raise
         self.stream = self.task.train_examples(seed=cfg.seed)
-        for _ in range(self.data_pos):  # the data position survives restarts
+        for _ in range(self.state.data_pos):  # the data position survives restarts
             next(self.stream)
 
     def _setup(self, model_dir: str) -> None:
@@ -156,8 +184,9 @@ class Trainer:
                 f"eval_split={self.val_split!r}: task {self.task.name!r} has splits {self.task.eval_splits()} "
                 f"(set task.options.eval, eval_split, or eval_every=0)"
             )
-        self.policy = load_policy(model_dir, device=cfg.device, dtype=cfg.dtype,
-                                  gradient_checkpointing=cfg.gradient_checkpointing)  # fmt: skip
+        self.policy = load_policy(
+            model_dir, device=cfg.device, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing
+        )
         self.device = self.policy.device
         self.model, self.tok = self.policy.model, self.policy.tokenizer
         self.model.train()
@@ -168,8 +197,12 @@ class Trainer:
             if "top_k" not in str(e):
                 raise
             raise ConfigError(f"router_shift.top_k={cfg.router_shift.top_k}: {e}") from None
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                     weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.99))  # fmt: skip
+        self.opt = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=(0.9, 0.99),
+        )
         self.ref_model = None
         if cfg.kl_coef > 0:
             self.ref_model = load_policy(self.model_path, device=cfg.device, dtype=cfg.dtype).model
@@ -184,10 +217,16 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.step == 0 and cfg.eval_every:
+        if self.state.step == 0 and cfg.eval_every:
             self._log({"step": 0, **self._validate()})
-        bar = tqdm(range(self.step, cfg.steps), initial=self.step, total=cfg.steps, desc=f"train {cfg.objective.name}",
-                   disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            range(self.state.step, cfg.steps),
+            initial=self.state.step,
+            total=cfg.steps,
+            desc=f"train {cfg.objective.name}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         for _ in bar:
             t0 = time.time()
             batch = self.rollout()  # 1
@@ -198,20 +237,28 @@ class Trainer:
             t3 = time.time()
             stats = self.update(batch)  # 5
             t4 = time.time()
-            self.step += 1
+            self.state.step += 1
             n_tok = int(batch.response_mask.sum())
-            rec = {"step": self.step, **self._rollout_metrics(batch), **stats,
-                   "time/generate": t1 - t0, "time/score": t2 - t1, "time/old_pass": t3 - t2, "time/update": t4 - t3,
-                   "perf/tokens_per_s": n_tok / (t4 - t0)}  # fmt: skip
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            rec = {
+                "step": self.state.step,
+                **self._rollout_metrics(batch),
+                **stats,
+                "time/generate": t1 - t0,
+                "time/score": t2 - t1,
+                "time/old_pass": t3 - t2,
+                "time/update": t4 - t3,
+                "perf/tokens_per_s": n_tok / (t4 - t0),
+            }
+            if cfg.eval_every and self.state.step % cfg.eval_every == 0:
                 rec.update(self._validate())
             self._log(rec)  # 6
             crash_point("step_logged")
-            post = {"reward": f"{rec['reward/mean']:.3f}", "val_acc": f"{self.last_val:.1%}"}
-            if "offpolicy/router_gamma_mean" in rec:  # the drift RSPO sees (the first update's gamma is 1)
-                post["gamma_off"] = f"{rec['offpolicy/router_gamma_mean']:.4f}"
+            post = {"reward": f"{rec['reward/mean']:.3f}", "val_acc": f"{self.state.last_val:.1%}"}
+            gamma_off = offpolicy_key("router/gamma_mean")
+            if gamma_off in rec:  # the drift RSPO sees (the first update's gamma is 1)
+                post["gamma_off"] = f"{rec[gamma_off]:.4f}"
             bar.set_postfix(post)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.state.step % cfg.checkpoint_every == 0 or self.state.step == cfg.steps:
                 self.save_checkpoint()
         return self.summary()
 
@@ -219,13 +266,25 @@ class Trainer:
     def rollout(self) -> RolloutBatch:
         r = self.cfg.rollout
         prompts = [next(self.stream) for _ in range(r.prompts_per_step)]
-        self.data_pos += r.prompts_per_step
+        self.state.data_pos += r.prompts_per_step
         examples = [p for p in prompts for _ in range(r.group_size)]
-        gen = self.sampler.sample([self.task.prompt(x) for x in examples], max_new_tokens=self.cfg.max_new_tokens,
-                                  temperature=r.temperature, top_p=r.top_p, stop_strings=self.task.stop_strings,
-                                  seed=_seed(self.cfg.seed, self.step, "sample"))  # fmt: skip
-        return RolloutBatch(examples, gen.sequences, gen.attention_mask, gen.prompt_len,
-                            gen.response_mask.float(), gen.texts, rollout_log_probs=gen.logprobs)  # fmt: skip
+        gen = self.sampler.sample(
+            [self.task.prompt(x) for x in examples],
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            stop_strings=self.task.stop_strings,
+            seed=_seed(self.cfg.seed, self.state.step, "sample"),
+        )
+        return RolloutBatch(
+            examples,
+            gen.sequences,
+            gen.attention_mask,
+            gen.prompt_len,
+            gen.response_mask.float(),
+            gen.texts,
+            rollout_log_probs=gen.logprobs,
+        )
 
     # ------------------------------------------------------------------ 2-3. rewards, advantages
     def _scorer(self) -> Scorer:
@@ -236,15 +295,14 @@ class Trainer:
         return self.scorer
 
     def _new_scorer(self) -> Scorer:
-        s = self.cfg.scoring
-        return Scorer(self.task, timeout_s=s.timeout_s, workers=s.workers, max_rss_mb=s.max_rss_mb)
+        return self.cfg.scoring.scorer(self.task)
 
     def score_and_advantages(self, b: RolloutBatch) -> None:
         scored = self._scorer().score(b.texts, b.examples)
         for why, msg in scored.messages.items():
             if why not in self._reward_messages:  # the first error of each kind, once per run
                 self._reward_messages.add(why)
-                tqdm.write(f"step {self.step + 1}: {why} (first of this run; reward 0, counted): {msg}")
+                tqdm.write(f"step {self.state.step + 1}: {why} (first of this run; reward 0, counted): {msg}")
         # float64: a group's spread of rewards near float32's limit (the scorer's bound) must not overflow
         b.rewards = torch.tensor(scored.rewards, dtype=torch.float64, device=self.device)
         b.reasons, b.correct, b.worker_recycles = scored.reasons, scored.correct, scored.recycled
@@ -264,12 +322,18 @@ class Trainer:
 
         Same rows, same order, same model: the first mini-batch's ratios and gamma are exactly 1.
         """
-        b.order = _permutation(len(b.texts), _seed(self.cfg.seed, self.step, "order"), self.device)
+        b.order = _permutation(len(b.texts), _seed(self.cfg.seed, self.state.step, "order"), self.device)
         logps, traces = [], []
         for mb in b.order.split(self.cfg.mini_batch_size):
             with self.routing.capture(b.resp, chunks="sequence") as rec:
-                logp, _, _ = response_log_probs(self.model, b.sequences[mb], b.attention_mask[mb], b.response_len,
-                                                entropy=False, temperature=self.cfg.rollout.temperature)  # fmt: skip
+                logp, _, _ = response_log_probs(
+                    self.model,
+                    b.sequences[mb],
+                    b.attention_mask[mb],
+                    b.response_len,
+                    entropy=False,
+                    temperature=self.cfg.rollout.temperature,
+                )
             logps.append(logp)
             if rec is not None:
                 traces.append(rec.trace)
@@ -277,18 +341,26 @@ class Trainer:
         b.old_log_probs = torch.cat(logps)[inv]
         if traces:
             weights = None if traces[0].weights is None else torch.cat([t.weights for t in traces])[inv]
-            full = RouterTrace(torch.cat([t.topk_idx for t in traces])[inv], torch.cat([t.logp for t in traces])[inv],
-                               weights)  # fmt: skip
+            full = RouterTrace(
+                torch.cat([t.topk_idx for t in traces])[inv], torch.cat([t.logp for t in traces])[inv], weights
+            )
             b.old = self.routing.old_trace(full, b.resp)
         if b.rollout_log_probs is not None:  # the same model here: ratios 1 up to numerics (a separate engine: not)
             if self.correction is None:  # diagnostics only
                 b.rollout_stats = mismatch_metrics(b.old_log_probs, b.rollout_log_probs, b.loss_mask)
             else:
-                b.rollout_weights, b.rollout_stats = self.correction.weights(b.old_log_probs, b.rollout_log_probs,
-                                                                             b.loss_mask)  # fmt: skip
+                b.rollout_weights, b.rollout_stats = self.correction.weights(
+                    b.old_log_probs, b.rollout_log_probs, b.loss_mask
+                )
         if self.ref_model is not None:
-            ref = response_log_probs(self.ref_model, b.sequences, b.attention_mask, b.response_len, entropy=False,
-                                     temperature=self.cfg.rollout.temperature)  # fmt: skip
+            ref = response_log_probs(
+                self.ref_model,
+                b.sequences,
+                b.attention_mask,
+                b.response_len,
+                entropy=False,
+                temperature=self.cfg.rollout.temperature,
+            )
             b.ref_log_probs = ref[0]
 
     # ------------------------------------------------------------------ 5. update
@@ -297,45 +369,40 @@ class Trainer:
         per_update: list[dict[str, float]] = []
         grads: list[Tensor] = []  # flattened gradients of this step's updates (log_grad_variance)
         for epoch in range(cfg.ppo_epochs):
-            order = b.order if epoch == 0 else _permutation(len(b.texts), _seed(cfg.seed, self.step, f"order{epoch}"),
-                                                             self.device)  # fmt: skip
+            order = (
+                b.order
+                if epoch == 0
+                else _permutation(len(b.texts), _seed(cfg.seed, self.state.step, f"order{epoch}"), self.device)
+            )
             for mb in order.split(cfg.mini_batch_size):
                 try:
                     loss, m = self.policy_loss(b, mb)
                 except NonFiniteError as e:  # e.g. NaN router log-probs of a diverged model
                     loss, m = torch.tensor(float("nan")), {"train/nonfinite_router": 1.0}
-                    tqdm.write(f"step {self.step + 1}: {e}")
+                    tqdm.write(f"step {self.state.step + 1}: {e}")
                 m["train/nonfinite_loss"] = 0.0
                 if not torch.isfinite(loss):
                     self.routing.end()
-                    self.bad_steps += 1
+                    self.state.bad_steps += 1
                     m["train/nonfinite_loss"] = 1.0
-                    tqdm.write(f"step {self.step + 1}: non-finite loss ({loss.item()}), optimizer step skipped "
-                               f"({self.bad_steps}/{cfg.max_bad_steps} in a row)")  # fmt: skip
-                    if self.bad_steps >= cfg.max_bad_steps:
+                    tqdm.write(
+                        f"step {self.state.step + 1}: non-finite loss ({loss.item()}), optimizer step skipped "
+                        f"({self.state.bad_steps}/{cfg.max_bad_steps} in a row)"
+                    )
+                    if self.state.bad_steps >= cfg.max_bad_steps:
                         raise TrainingError(
-                            f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}; stopping. The last "
-                            f"good checkpoint is {self.out / 'checkpoint'} (step {self._ckpt_step()})"
+                            f"{self.state.bad_steps} non-finite losses in a row at step {self.state.step + 1}; "
+                            f"stopping. The last good checkpoint is {self.out / 'checkpoint'} "
+                            f"(step {self._ckpt_step()})"
                         )
                     self.opt.zero_grad(set_to_none=True)
                     per_update.append(m)
                     continue
-                self.bad_steps = 0
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.routing.end()  # replay stayed on through the backward (checkpointed layers recompute)
-                params = [p for p in self.model.parameters() if p.requires_grad]
+                self.state.bad_steps = 0
+                self.backward(loss)
                 if cfg.log_grad_variance:
-                    grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                            for p in params]).clone())  # fmt: skip
-                gn = torch.nn.utils.clip_grad_norm_(
-                    params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-                )
-                m["grad/norm"] = float(gn)
-                for g in self.opt.param_groups:
-                    g["lr"] = cfg.optim.lr * min(1.0, (self.opt_steps + 1) / max(1, cfg.optim.warmup_steps))
-                self.opt.step()
-                self.opt_steps += 1
+                    grads.append(self.flat_grad().clone())
+                m["grad/norm"] = self.optimizer_step()
                 per_update.append(m)
         out = _mean_metrics(per_update)
         if len(grads) > 1:
@@ -345,21 +412,58 @@ class Trainer:
             out["grad/minibatch_cos"] = sum(cos) / len(cos)
         return out
 
-    def policy_loss(self, b: RolloutBatch, mb: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Loss and metrics of mini-batch ``mb`` (row indices): one forward gives log-probs, entropy and
-        the current router at the old experts; gamma; the objective; optional KL and router aux loss."""
+    def backward(self, loss: Tensor) -> None:
+        """Gradients of ``loss`` (replay stays on through the backward: checkpointed layers recompute with it)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.routing.end()
+
+    def flat_grad(self) -> Tensor:
+        """The current gradient of every trainable parameter, flattened ``(n_params,)`` (zeros where none)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+    def optimizer_step(self) -> float:
+        """Clip the gradient norm, set the (warmup) learning rate and step; returns the norm before clipping."""
         cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.optim.lr * min(1.0, (self.state.opt_steps + 1) / max(1, cfg.optim.warmup_steps))
+        self.opt.step()
+        self.state.opt_steps += 1
+        return float(gn)
+
+    def policy_loss(self, b: RolloutBatch, mb: Tensor, options: Options | None = None) -> tuple[Tensor, dict]:
+        """Loss and metrics of mini-batch ``mb`` (row indices): one forward gives log-probs, entropy and
+        the current router at the old experts; gamma; the objective; optional KL and router aux loss.
+        ``options``: another objective and router shift than the run's (``rspo gradvar`` compares them)."""
+        cfg = self.cfg
+        opts = cfg.options if options is None else options
+        hparams = self.hparams if options is None else opts.objective_hparams(norm_length=cfg.max_new_tokens)
         old = b.old[mb] if b.old is not None else None
         with self.routing.forward(old, b.resp) as cur:
-            logp, entropy, aux = response_log_probs(self.model, b.sequences[mb], b.attention_mask[mb], b.response_len,
-                                                    temperature=cfg.rollout.temperature,
-                                                    output_router_logits=cfg.routing.aux_loss_coef > 0)  # fmt: skip
+            logp, entropy, aux = response_log_probs(
+                self.model,
+                b.sequences[mb],
+                b.attention_mask[mb],
+                b.response_len,
+                temperature=cfg.rollout.temperature,
+                output_router_logits=cfg.routing.aux_loss_coef > 0,
+            )
         gamma = self.routing.gamma(old, cur.trace) if cur is not None else None  # (m, T)
         mask = b.loss_mask[mb]
-        loss, m = compute_policy_loss(cfg.objective.name, logp, b.old_log_probs[mb], b.advantages[mb], mask,
-                                      router_shift=gamma if cfg.router_shift.enabled else None,
-                                      rollout_weights=None if b.rollout_weights is None else b.rollout_weights[mb],
-                                      rollout_weights_reduce=cfg.rollout_correction.reduce, **self.hparams)  # fmt: skip
+        loss, m = compute_policy_loss(
+            opts.objective.name,
+            logp,
+            b.old_log_probs[mb],
+            b.advantages[mb],
+            mask,
+            router_shift=gamma if opts.shift else None,
+            rollout_weights=None if b.rollout_weights is None else b.rollout_weights[mb],
+            rollout_weights_reduce=cfg.rollout_correction.reduce,
+            **hparams,
+        )
         if b.ref_log_probs is not None:
             d = b.ref_log_probs[mb] - logp
             kl = masked_mean(torch.exp(d) - d - 1, mask)
@@ -377,15 +481,17 @@ class Trainer:
     def _rollout_metrics(self, b: RolloutBatch) -> dict[str, float]:
         lengths = b.response_mask.sum(1)
         return {
-            "reward/mean": float(b.rewards.mean()), "reward/std": float(b.rewards.std()),
+            "reward/mean": float(b.rewards.mean()),
+            "reward/std": float(b.rewards.std()),
             "reward/accuracy": sum(b.correct) / len(b.correct),
             "reward/errors": float(sum(r in (REWARD_ERROR, REWARD_TIMEOUT) for r in b.reasons)),
             "reward/timeouts": float(sum(r == REWARD_TIMEOUT for r in b.reasons)),
             "reward/worker_recycles": float(b.worker_recycles),
             "reward/zero_spread_groups": b.zero_spread,
-            "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
             **b.rollout_stats,
-        }  # fmt: skip
+        }
 
     def _validate(self) -> dict[str, float]:
         cfg = self.cfg
@@ -394,19 +500,29 @@ class Trainer:
         acc = evaluate(self.policy, self.task, val, greedy=True, **common).accuracy
         rec = {"val/accuracy": acc}
         if cfg.eval_samples:
-            rec["val/accuracy_sampled"] = evaluate(self.policy, self.task, val, greedy=False, n=cfg.eval_samples,
-                                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                                   seed=cfg.seed, **common).accuracy  # fmt: skip
+            rec["val/accuracy_sampled"] = evaluate(
+                self.policy,
+                self.task,
+                val,
+                greedy=False,
+                n=cfg.eval_samples,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                seed=cfg.seed,
+                **common,
+            ).accuracy
         self.model.train()
-        self.last_val = acc
-        self.best_val = max(self.best_val, acc)
-        rec |= {"val/best": self.best_val, "val/collapsed": 0.0}
-        if is_collapsed(acc, self.best_val, cfg.collapse_drop):
+        self.state.last_val = acc
+        self.state.best_val = max(self.state.best_val, acc)
+        rec |= {"val/best": self.state.best_val, "val/collapsed": 0.0}
+        if is_collapsed(acc, self.state.best_val, cfg.collapse_drop):
             rec["val/collapsed"] = 1.0
-            if self.collapse_step is None:
-                self.collapse_step = self.step
-                tqdm.write(f"COLLAPSE at step {self.step}: validation accuracy {acc:.1%} is below "
-                           f"{1 - cfg.collapse_drop:.0%} of its best {self.best_val:.1%}")  # fmt: skip
+            if self.state.collapse_step is None:
+                self.state.collapse_step = self.state.step
+                tqdm.write(
+                    f"COLLAPSE at step {self.state.step}: validation accuracy {acc:.1%} is below "
+                    f"{1 - cfg.collapse_drop:.0%} of its best {self.state.best_val:.1%}"
+                )
         return rec
 
     def _log(self, rec: dict[str, Any]) -> None:
@@ -417,14 +533,17 @@ class Trainer:
                     self.tb.add_scalar(k, v, rec["step"])
 
     def summary(self) -> dict[str, Any]:
-        return {"steps": self.step, "best_val": self.best_val, "last_val": self.last_val,
-                "collapse_step": self.collapse_step, "out_dir": str(self.out)}  # fmt: skip
+        return {
+            "steps": self.state.step,
+            "best_val": self.state.best_val,
+            "last_val": self.state.last_val,
+            "collapse_step": self.state.collapse_step,
+            "out_dir": str(self.out),
+        }
 
     def _ckpt_step(self) -> int | None:
         f = self.out / "checkpoint"
         return RunDir.read_state(f)["step"] if (f / "trainer_state.json").is_file() else None
-
-    STATE_KEYS = ("step", "data_pos", "opt_steps", "best_val", "last_val", "collapse_step", "bad_steps", "python_rng")
 
     def save_checkpoint(self) -> None:
         """Model, tokenizer, optimizer, RNG states, step and data position, swapped in atomically.
@@ -442,15 +561,12 @@ class Trainer:
             torch.save({"optimizer": self.opt.state_dict(), **rng}, d / "trainer.pt")
 
         version, internal, gauss = random.getstate()
-        state = {"step": self.step, "data_pos": self.data_pos, "opt_steps": self.opt_steps,
-                 "best_val": self.best_val, "last_val": self.last_val, "collapse_step": self.collapse_step,
-                 "bad_steps": self.bad_steps, "python_rng": [version, list(internal), gauss]}  # fmt: skip
-        self.run.write_checkpoint(payload, state)
+        self.run.write_checkpoint(payload, {**self.state.to_json(), "python_rng": [version, list(internal), gauss]})
 
     def _load_trainer_state(self, ckpt: Path) -> None:
         """Optimizer, RNG states and counters of checkpoint ``ckpt`` (the policy is already loaded from it);
         metrics logged after it (the lost steps, a torn last line) are dropped."""
-        state = RunDir.read_state(ckpt, self.STATE_KEYS)
+        state = RunDir.read_state(ckpt, (*TrainerState.names(), "python_rng"))
         extra = load_tensors(ckpt / "trainer.pt")
         try:
             self.opt.load_state_dict(extra["optimizer"])
@@ -461,21 +577,38 @@ class Trainer:
             random.setstate((version, tuple(internal), gauss))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {ckpt} is corrupt or incomplete: {type(e).__name__}: {e}") from None
-        self.step, self.data_pos, self.opt_steps = state["step"], state["data_pos"], state["opt_steps"]
-        self.best_val, self.last_val = state["best_val"], state["last_val"]
-        self.collapse_step, self.bad_steps = state["collapse_step"], state["bad_steps"]
-        self.run.truncate_metrics(self.step)
+        self.state = TrainerState.from_json(state)
+        self.run.truncate_metrics(self.state.step)
 
 
-OFFPOLICY = ("ratio/std", "ratio/max", "clip_ratio/region_mean", "router/gamma_mean", "router/gamma_p10",
-             "router/gamma_p1", "router/gamma_p50", "router/gamma_below_0.99", "router/gamma_below_0.95",
-             "router/gamma_below_0.9", "router/non_shifted_ratio", "kl/approx")  # fmt: skip
-"""Metrics also averaged over the off-policy updates alone (``offpolicy/...``): the drift RSPO acts on."""
+OFFPOLICY = (
+    "ratio/std",
+    "ratio/max",
+    "clip_ratio/region_mean",
+    "router/gamma_mean",
+    "router/gamma_p10",
+    "router/gamma_p1",
+    "router/gamma_p50",
+    "router/gamma_below_0.99",
+    "router/gamma_below_0.95",
+    "router/gamma_below_0.9",
+    "router/non_shifted_ratio",
+    "kl/approx",
+)
+"""Metrics also averaged over the off-policy updates alone (:func:`offpolicy_key`): the drift RSPO acts on."""
+OFFPOLICY_HIST = "offpolicy/gamma_hist"
+"""The per-token gamma histogram summed over a step's off-policy updates (bins: ``rspo.routing.GAMMA_EDGES``)."""
+
+
+def offpolicy_key(key: str) -> str:
+    """The name under which metric ``key`` averaged over a step's off-policy updates is logged
+    (``router/gamma_mean`` -> ``offpolicy/router_gamma_mean``)."""
+    return "offpolicy/" + key.replace("/", "_")
 
 
 def _mean_metrics(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over the step's updates, plus the off-policy updates' (all but the first) drift signals: the
-    OFFPOLICY keys and the per-layer ones averaged, the gamma histograms summed (``offpolicy/gamma_hist``)."""
+    OFFPOLICY keys and the per-layer ones averaged, the gamma histograms summed (:data:`OFFPOLICY_HIST`)."""
     keys = {k for m in items for k, v in m.items() if isinstance(v, (int, float))}
     out: dict[str, Any] = {k: sum(m[k] for m in items if k in m) / sum(k in m for m in items) for k in keys}
     out["train/nonfinite_loss"] = sum(m.get("train/nonfinite_loss", 0.0) for m in items)
@@ -484,10 +617,10 @@ def _mean_metrics(items: list[dict[str, Any]]) -> dict[str, Any]:
         for k in sorted({*OFFPOLICY, *(k for k in keys if k.startswith(("router/keep_layer", "router/shift_layer")))}):
             vals = [m[k] for m in off if k in m]
             if vals:
-                out[f"offpolicy/{k.replace('/', '_')}"] = sum(vals) / len(vals)
+                out[offpolicy_key(k)] = sum(vals) / len(vals)
         hists = [m["router/gamma_hist"] for m in off if "router/gamma_hist" in m]
         if hists:
-            out["offpolicy/gamma_hist"] = [sum(c) for c in zip(*hists, strict=True)]
+            out[OFFPOLICY_HIST] = [sum(c) for c in zip(*hists, strict=True)]
     return out
 
 
@@ -525,4 +658,14 @@ def resume(run_dir: str | Path, progress: bool = True, overrides: list[str] | No
     return trainer.train()
 
 
-__all__ = ["RolloutBatch", "Trainer", "TrainingError", "group_advantages", "resume", "train"]
+__all__ = [
+    "RolloutBatch",
+    "Trainer",
+    "TrainerState",
+    "TrainingError",
+    "group_advantages",
+    "is_collapsed",
+    "offpolicy_key",
+    "resume",
+    "train",
+]

@@ -44,8 +44,18 @@ def main() -> int:
     try:
         for i in range(1, a.runs + 1):
             out = Path(tempfile.mkdtemp()) / "two.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), str(SCRIPT), a.policy, str(out)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                str(SCRIPT),
+                a.policy,
+                str(out),
+            ]
             t0 = time.time()
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             ok = r.returncode == 0 and out.is_file()

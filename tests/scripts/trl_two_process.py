@@ -18,10 +18,24 @@ stream = task.train_examples(seed=0)
 rows = [next(stream) for _ in range(32)]
 data, countdown_reward = task_dataset(task, rows), task_reward_func(task, rows)
 
-args = RSPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, gradient_checkpointing=False,
-                  per_device_train_batch_size=4, steps_per_generation=2, num_generations=4, max_completion_length=14,
-                  max_steps=4, learning_rate=3e-3, beta=0.0, logging_steps=1, report_to=[], save_strategy="no",
-                  seed=0, objective="rspo")  # fmt: skip
+args = RSPOConfig(
+    output_dir=tempfile.mkdtemp(),
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    per_device_train_batch_size=4,
+    steps_per_generation=2,
+    num_generations=4,
+    max_completion_length=14,
+    max_steps=4,
+    learning_rate=3e-3,
+    beta=0.0,
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    seed=0,
+    objective="rspo",
+)
 trainer = RSPOTrainer(model=model, reward_funcs=countdown_reward, args=args, train_dataset=data, processing_class=tok)
 trainer.train()
 if trainer.accelerator.is_main_process:

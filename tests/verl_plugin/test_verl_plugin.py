@@ -43,9 +43,19 @@ def model():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=40, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=64)  # fmt: skip
+    cfg = Qwen3MoeConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     return Qwen3MoeForCausalLM(cfg).float().eval()
 
 
@@ -80,12 +90,24 @@ def make_batch(seed: int = 0, use_remove_padding: bool = True) -> TensorDict:
         am[i, p - pl : p + rl] = 1
     pos = (am.cumsum(-1) - 1).clamp(min=0)
     resp_mask = am[:, p:].clone()
-    fields = {"input_ids": torch.cat([prompts, responses], 1), "attention_mask": am, "position_ids": pos,
-              "response_mask": resp_mask, "prompts": prompts, "responses": responses}  # fmt: skip
+    fields = {
+        "input_ids": torch.cat([prompts, responses], 1),
+        "attention_mask": am,
+        "position_ids": pos,
+        "response_mask": resp_mask,
+        "prompts": prompts,
+        "responses": responses,
+    }
     td = TensorDict(fields, batch_size=[b])
     td = left_right_2_no_padding(td)
-    tu.assign_non_tensor(td, temperature=1.0, use_remove_padding=use_remove_padding, dp_size=1,
-                         batch_num_tokens=None, global_batch_size=None)  # fmt: skip
+    tu.assign_non_tensor(
+        td,
+        temperature=1.0,
+        use_remove_padding=use_remove_padding,
+        dp_size=1,
+        batch_num_tokens=None,
+        global_batch_size=None,
+    )
     return td
 
 
@@ -132,9 +154,11 @@ def test_entry_point_loads_with_verl_and_patches_the_actor_worker():
 
     eps = {e.name: e.value for e in entry_points(group="verl.plugins")}
     assert eps.get("rspo") == "rspo.integrations.verl_plugin"
-    code = ("import sys, verl; print('rspo.integrations.verl_plugin' in sys.modules); "
-            "import verl.workers.engine_workers as w; print(getattr(w.ActorRolloutRefWorker.init_model, "
-            "'_rspo_patched', False)); print(hasattr(w.ActorRolloutRefWorker.init_model, '__wrapped__'))")  # fmt: skip
+    code = (
+        "import sys, verl; print('rspo.integrations.verl_plugin' in sys.modules); "
+        "import verl.workers.engine_workers as w; print(getattr(w.ActorRolloutRefWorker.init_model, "
+        "'_rspo_patched', False)); print(hasattr(w.ActorRolloutRefWorker.init_model, '__wrapped__'))"
+    )
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True", "True"]
@@ -154,28 +178,50 @@ def test_after_init_model_installs_capture_and_loss(model):
     calls = []
     eng = make_engine(model)
     actor = actor_config()
-    worker = SimpleNamespace(config=OmegaConf.create({"rspo": {"objective": "rspo", "gamma_min": 0.3}}),
-                             loss_fn=functools.partial(verl_losses.ppo_loss, config=actor),
-                             actor=SimpleNamespace(engine=eng, set_loss_fn=calls.append))  # fmt: skip
+    worker = SimpleNamespace(
+        config=OmegaConf.create({"rspo": {"objective": "rspo", "gamma_min": 0.3}}),
+        loss_fn=functools.partial(verl_losses.ppo_loss, config=actor),
+        actor=SimpleNamespace(engine=eng, set_loss_fn=calls.append),
+    )
     cfg = rv.after_init_model(worker)
     assert cfg.gamma_min == 0.3 and cfg.router_shift
     assert eng._rspo_capture.cfg is cfg
-    assert calls[0].func is rv.rspo_ppo_loss and calls[0].keywords == {"config": actor, "rspo": cfg}
+    assert calls[0].func is rv.rspo_ppo_loss
+    assert calls[0].keywords == {"config": actor, "rspo": cfg, "capture": eng._rspo_capture}
     plain = SimpleNamespace(config=OmegaConf.create({}), loss_fn="verl's", actor=SimpleNamespace(engine=None))
     assert rv.after_init_model(plain) is None and plain.loss_fn == "verl's"
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.gama_min: unknown key"):
+    with pytest.raises(
+        ValueError,
+        match=r"actor_rollout_ref\.rspo\.gama_min: unknown key \(did you mean "
+        r"actor_rollout_ref\.rspo\.gamma_min\?\)",
+    ):
         rv.VerlRSPOConfig.from_verl({"gama_min": 0.2})
-    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.gamma_min='x'"):
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.gamma_min must be a number, got 'x'"):
         rv.VerlRSPOConfig.from_verl({"gamma_min": "x"})
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.gamma_min: must be in \(0, 1\]"):
+        rv.VerlRSPOConfig.from_verl({"gamma_min": 2.0})
     with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.objective='ppo'; valid"):
         rv.VerlRSPOConfig.from_verl({"objective": "ppo"})
-    with pytest.raises(ValueError, match="needs the router shift"):
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.router_shift=false: objective 'rspo' needs"):
         rv.VerlRSPOConfig.from_verl({"objective": "rspo", "router_shift": False})
-    with pytest.raises(ValueError, match="does not take a router shift"):
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.router_shift=true: objective 'gmpo' cannot"):
         rv.VerlRSPOConfig.from_verl({"objective": "gmpo", "router_shift": True})
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.form applies to the rspo objective only"):
+        rv.VerlRSPOConfig.from_verl({"objective": "grpo", "router_shift": True, "form": "eq5_literal"})
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.routing_control='freeze': router freezing"):
+        rv.VerlRSPOConfig.from_verl({"routing_control": "freeze"})
+    with pytest.raises(ValueError, match=r"actor_rollout_ref\.rspo\.clip_drop: needs clip_threshold"):
+        rv.VerlRSPOConfig.from_verl({"clip_drop": True})
+    # every router-shift option of rspo.options is a key here (the ones the first plugin lacked too)
+    cfg = rv.VerlRSPOConfig.from_verl(
+        {"form": "eq5_literal", "clip_threshold": 0.9, "clip_drop": True, "prob": "topk_renorm"}
+    )
+    assert (cfg.form, cfg.clip_threshold, cfg.clip_drop, cfg.prob) == ("eq5_literal", 0.9, True, "topk_renorm")
+    hp = rv.objective_hparams(actor_config(clip_ratio=0.4), cfg)
+    assert (hp["router_shift_form"], hp["router_clip_threshold"], hp["router_clip_drop"]) == ("eq5_literal", 0.9, True)
     cfg = rv.VerlRSPOConfig()
     with pytest.raises(ValueError, match=r"policy_loss\.loss_mode='geo_mean'"):
         rv.objective_hparams(actor_config(policy_loss=PolicyLossConfig(loss_mode="geo_mean")), cfg)
@@ -326,8 +372,7 @@ def test_old_record_passes_through_verl_micro_batching_to_the_update(model, gloo
     eng = make_engine(model)
     rv.install_capture(eng, rv.VerlRSPOConfig())
     td = make_batch()
-    tu.assign_non_tensor(td, use_dynamic_bsz=True, max_token_len_per_gpu=14, calculate_entropy=True,
-                         compute_loss=False)  # fmt: skip
+    tu.assign_non_tensor(td, use_dynamic_bsz=True, max_token_len_per_gpu=14, calculate_entropy=True, compute_loss=False)
     td["loss_mask"] = td["response_mask"]
     out = eng.forward_backward_batch(td, loss_function=None, forward_only=True)
     mo = out["model_output"]
@@ -370,8 +415,9 @@ def loss_inputs(seed: int, objective: str = "rspo", same_router: bool = False):
 def test_loss_equals_compute_policy_loss(objective):
     cfg = rv.VerlRSPOConfig(objective=objective, router_shift=None if objective != "grpo" else True)
     td, mo = loss_inputs(0)
-    actor = actor_config(clip_ratio=0.3 if objective in ("grpo",) else 0.4,
-                         clip_ratio_c=10.0 if objective == "grpo" else 3.0)  # fmt: skip
+    actor = actor_config(
+        clip_ratio=0.3 if objective in ("grpo",) else 0.4, clip_ratio_c=10.0 if objective == "grpo" else 3.0
+    )
     if objective == "gspo":
         actor = actor_config(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
     loss, _met = rv.rspo_ppo_loss(actor, mo, td, rspo=cfg)
@@ -379,8 +425,9 @@ def test_loss_equals_compute_policy_loss(objective):
     mask = td["response_mask"].to(F64)
     gamma = None
     if cfg.router_shift:
-        gamma = router_shift_ratio(no_padding_2_padding(td[rv.OLD_LOGP], td), no_padding_2_padding(mo[rv.CUR_LOGP], td),
-                                   gamma_min=0.5)  # fmt: skip
+        gamma = router_shift_ratio(
+            no_padding_2_padding(td[rv.OLD_LOGP], td), no_padding_2_padding(mo[rv.CUR_LOGP], td), gamma_min=0.5
+        )
         assert float(gamma[mask > 0].min()) < 0.99  # the weight acts in this case
     hp = rv.objective_hparams(actor, cfg)
     ref, _ = compute_policy_loss(objective, lp, td["old_log_probs"], td["advantages"], mask, router_shift=gamma, **hp)
@@ -402,8 +449,9 @@ def test_rspo_with_gamma_one_equals_verls_geo_mean():
     torch.testing.assert_close(g_ours, g_theirs, atol=1e-8, rtol=0)
 
 
-@pytest.mark.parametrize(("objective", "agg"), [("rspo", "token-mean"), ("grpo", "token-mean"),
-                                                ("grpo", "seq-mean-token-mean")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("objective", "agg"), [("rspo", "token-mean"), ("grpo", "token-mean"), ("grpo", "seq-mean-token-mean")]
+)
 def test_micro_batches_sum_to_the_global_mini_batch_loss(objective, agg):
     """verl's normalisation: micro-batch losses over global counts (x dp_size) sum to the full batch's loss."""
     cfg = rv.VerlRSPOConfig(objective=objective, router_shift=True)
@@ -416,8 +464,11 @@ def test_micro_batches_sum_to_the_global_mini_batch_loss(objective, agg):
         td2, mo2 = loss_inputs(2)
         sub = tu.index_select_tensor_dict(td2, rows)  # as verl splits micro-batches
         tu.assign_non_tensor(sub, batch_num_tokens=n_tok, global_batch_size=4, dp_size=1)
-        mos = {k: torch.nested.as_nested_tensor([v.unbind()[r] for r in rows], layout=torch.jagged)
-               for k, v in mo2.items() if k != "leaf"}  # fmt: skip
+        mos = {
+            k: torch.nested.as_nested_tensor([v.unbind()[r] for r in rows], layout=torch.jagged)
+            for k, v in mo2.items()
+            if k != "leaf"
+        }
         loss, met = rv.rspo_ppo_loss(actor, mos, sub, rspo=cfg)
         parts.append(loss)
         grads.append(torch.autograd.grad(loss, mo2["leaf"])[0])
@@ -431,19 +482,30 @@ def test_rollout_weights_entropy_and_kl_follow_verl():
     g = torch.Generator().manual_seed(9)
     td["rollout_is_weights"] = torch.rand(td["old_log_probs"].shape, generator=g, dtype=F64) + 0.5
     td["ref_log_prob"] = td["old_log_probs"] - 0.1
-    mo["entropy"] = torch.nested.nested_tensor_from_jagged(torch.rand(td["input_ids"].values().shape[0], dtype=F64),
-                                                           offsets=td["input_ids"].offsets())  # fmt: skip
-    actor = actor_config(clip_ratio=0.4, entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.05,
-                         kl_loss_type="low_var_kl")  # fmt: skip
+    mo["entropy"] = torch.nested.nested_tensor_from_jagged(
+        torch.rand(td["input_ids"].values().shape[0], dtype=F64), offsets=td["input_ids"].offsets()
+    )
+    actor = actor_config(
+        clip_ratio=0.4, entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.05, kl_loss_type="low_var_kl"
+    )
     loss, met = rv.rspo_ppo_loss(actor, mo, td, rspo=rv.VerlRSPOConfig())
     lp = no_padding_2_padding(mo["log_probs"], td)
     mask = td["response_mask"].to(F64)
     gamma = router_shift_ratio(
         no_padding_2_padding(td[rv.OLD_LOGP], td), no_padding_2_padding(mo[rv.CUR_LOGP], td), gamma_min=0.5
     )
-    pg, _ = compute_policy_loss("rspo", lp, td["old_log_probs"], td["advantages"], mask, router_shift=gamma,
-                                rollout_weights=td["rollout_is_weights"], rollout_weights_reduce="geometric",
-                                clip_low=0.4, clip_high=0.4)  # fmt: skip
+    pg, _ = compute_policy_loss(
+        "rspo",
+        lp,
+        td["old_log_probs"],
+        td["advantages"],
+        mask,
+        router_shift=gamma,
+        rollout_weights=td["rollout_is_weights"],
+        rollout_weights_reduce="geometric",
+        clip_low=0.4,
+        clip_high=0.4,
+    )
     ent = no_padding_2_padding(mo["entropy"], td)
     kl = kl_penalty(lp, td["ref_log_prob"], "low_var_kl")
     ref = pg - 0.01 * (ent * mask).sum() / mask.sum() + 0.05 * (kl * mask).sum() / mask.sum()
@@ -456,7 +518,7 @@ def test_an_abandoned_forward_leaves_no_hooks(model):
     cap = rv.install_capture(eng, rv.VerlRSPOConfig())
     td = make_batch()
     tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False)
-    routers = cap.routers.routers
+    routers = cap.step.routers.routers
 
     def hooks():  # transformers may keep hooks of its own on these modules: count ours by difference
         return [len(r._forward_hooks) for r in routers] + [len(model._forward_pre_hooks)]

@@ -52,22 +52,21 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from rspo.config import check_value
+from rspo.config import build, check_value, field_docs
 from rspo.objectives import (
     LossAgg,
     RouterShiftForm,
     RouterShiftPlacement,
     WeightsReduce,
-    check_hparams,
     compute_policy_loss,
     get_objective,
     list_objectives,
 )
+from rspo.options import Names, ObjectiveOptions, Options, RouterShiftOptions, router_shift_fields
 from rspo.routing import ExpertAgg, LayerAgg, RouterProb, RouterTrace
 from rspo.routing.step import RoutingControl, RoutingOptions, RoutingStep
 from rspo.scoring import Scorer
 from rspo.tasks import Task
-from rspo.train_config import objective_hparams, resolve_router_shift
 
 
 def task_dataset(task: Task, examples: Sequence[Any]) -> Dataset:
@@ -117,8 +116,12 @@ TRL_OPTIONS: dict[str, str] = {
     **dict.fromkeys(_OUTSIDE.split(), "outside the loss"),  # generation, rewards, old/ref passes, logging: TRL's code
 }
 # TRL's loss types -> our token aggregation (token objectives); sequence objectives have one (TRL's 'grpo')
-TRL_LOSS_AGG: dict[str, LossAgg] = {"dapo": "token-mean", "bnpo": "token-mean", "grpo": "seq-mean-token-mean",
-                                    "dr_grpo": "seq-mean-token-sum-norm"}  # fmt: skip
+TRL_LOSS_AGG: dict[str, LossAgg] = {
+    "dapo": "token-mean",
+    "bnpo": "token-mean",
+    "grpo": "seq-mean-token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
 
 
 def _grpo_fields() -> dict[str, Any]:
@@ -133,43 +136,42 @@ def _grpo_fields() -> dict[str, Any]:
     return out
 
 
+_RS_DOCS = field_docs(RouterShiftOptions)
+_RS_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterShiftOptions)}
+
+
+def _shift_option(name: str) -> Any:
+    """RSPOConfig's field for router-shift option ``name``: its default and help from :mod:`rspo.options`."""
+    return field(default=_RS_DEFAULTS[name], metadata={"help": _RS_DOCS[name]})
+
+
 @dataclass
 class RSPOConfig(GRPOConfig):
     objective: str = field(default="rspo", metadata={"help": f"rspo objective: {', '.join(list_objectives())}"})
-    router_shift: bool | None = field(
-        default=None, metadata={"help": "Weight tokens by gamma (router_shift.enabled); None = on for rspo only."}
-    )
-    router_shift_expert_agg: ExpertAgg = field(
-        default="log_mean", metadata={"help": "Aggregation over the K old experts: log_mean (Eq. 6) or mean_exp."}
-    )
-    router_shift_layer_agg: LayerAgg = field(
-        default="geo_mean", metadata={"help": "Aggregation over MoE layers: geo_mean (Eq. 6) or product."}
-    )
-    router_shift_gamma_min: float = field(default=0.5, metadata={"help": "Floor of gamma, in (0, 1]."})
-    router_shift_placement: RouterShiftPlacement = field(
-        default="after_clip", metadata={"help": "Where gamma enters: after_clip (paper text) or before_clip."}
-    )
-    router_shift_form: RouterShiftForm = field(
-        default="weight", metadata={"help": "rspo only: weight (gamma for both signs) or sign_power (gamma^sgn(A))."}
-    )
-    router_shift_stop_gradient: bool = field(
-        default=True, metadata={"help": "False: gradients flow through gamma (the paper's collapsing ablation)."}
-    )
-    router_shift_top_k: int | None = field(
-        default=None, metadata={"help": "K old experts per layer; None = the model's experts per token."}
-    )
-    router_shift_prob: RouterProb = field(
-        default="full", metadata={"help": "Router probability: full softmax, or renormalised over the old top-K."}
-    )
+    # The router-shift options of rspo.options.RouterShiftOptions, flat: router_shift_<option> (a test keeps
+    # the two lists in step); router_shift itself is the option `enabled`.
+    router_shift: bool | None = _shift_option("enabled")
+    router_shift_expert_agg: ExpertAgg = _shift_option("expert_agg")
+    router_shift_layer_agg: LayerAgg = _shift_option("layer_agg")
+    router_shift_gamma_min: float = _shift_option("gamma_min")
+    router_shift_placement: RouterShiftPlacement = _shift_option("placement")
+    router_shift_form: RouterShiftForm = _shift_option("form")
+    router_shift_stop_gradient: bool = _shift_option("stop_gradient")
+    router_shift_top_k: int | None = _shift_option("top_k")
+    router_shift_prob: RouterProb = _shift_option("prob")
+    router_shift_clip_threshold: float | None = _shift_option("clip_threshold")
+    router_shift_clip_drop: bool = _shift_option("clip_drop")
     routing_control: RoutingControl = field(
         default="none", metadata={"help": "Routing-control baseline: none, freeze, replay_logits, replay_indices."}
     )
     rollout_weights_reduce: WeightsReduce = field(
         default="arithmetic",
-        metadata={"help": "How per-token weights (token_* vLLM IS ratios, the entropy mask) reach a sequence "
-                          "objective (gspo, gspo_token, gmpo, rspo): arithmetic mean (what TRL's sequence-level "
-                          "loss does) or geometric (verl's geo_mean)."},
-    )  # fmt: skip
+        metadata={
+            "help": "How per-token weights (token_* vLLM IS ratios, the entropy mask) reach a sequence "
+            "objective (gspo, gspo_token, gmpo, rspo): arithmetic mean (what TRL's sequence-level "
+            "loss does) or geometric (verl's geo_mean)."
+        },
+    )
     # GRPOConfig options whose default depends on the objective (None = the objective's own)
     epsilon: float | None = field(
         default=None,
@@ -178,19 +180,25 @@ class RSPOConfig(GRPOConfig):
     epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip; None = the objective's."})
     loss_type: str | None = field(
         default=None,
-        metadata={"help": "TRL's normalisation: dapo, bnpo, grpo, dr_grpo (token objectives; None = dapo, TRL's "
-                          "default); sequence objectives have grpo only (None = grpo)."},
-    )  # fmt: skip
+        metadata={
+            "help": "TRL's normalisation: dapo, bnpo, grpo, dr_grpo (token objectives; None = dapo, TRL's "
+            "default); sequence objectives have grpo only (None = grpo)."
+        },
+    )
     importance_sampling_level: str | None = field(
         default=None,
-        metadata={"help": "None = the objective's (token for grpo, sequence otherwise); it selects the ratio of "
-                          "the KL bias correction. A value that contradicts the objective is an error."},
-    )  # fmt: skip
+        metadata={
+            "help": "None = the objective's (token for grpo, sequence otherwise); it selects the ratio of "
+            "the KL bias correction. A value that contradicts the objective is an error."
+        },
+    )
     router_aux_loss_coef: float | None = field(
         default=0.0,
-        metadata={"help": "MoE load-balancing loss coefficient; 0.0 (default) = off, as rspo train; None = the "
-                          "model config's (TRL's default)."},
-    )  # fmt: skip
+        metadata={
+            "help": "MoE load-balancing loss coefficient; 0.0 (default) = off, as rspo train; None = the "
+            "model config's (TRL's default)."
+        },
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(RSPOConfig)
@@ -202,8 +210,19 @@ class RSPOConfig(GRPOConfig):
         self._check_trl_options()
         self._resolve_objective_defaults()
         super().__post_init__()
-        self.router_shift = resolve_router_shift(self.objective, self.router_shift)
-        check_hparams(self.objective, router_shift=bool(self.router_shift), **self.objective_hparams())
+        token = get_objective(self.objective).level == "token"
+        objective = {
+            "name": self.objective,
+            "clip_low": self.epsilon,
+            "clip_high": self.epsilon_high,
+            "loss_agg": TRL_LOSS_AGG[self.loss_type] if token else None,
+            "dual_clip": self.delta,
+        }
+        objective = build(ObjectiveOptions, objective, name=TRL_NAMES.objective.__getitem__)
+        shift = {k: getattr(self, _trl_field(k)) for k in router_shift_fields()}
+        shift = build(RouterShiftOptions, shift, name=_trl_field)
+        self.options = Options(objective, shift, self.routing_control, names=TRL_NAMES)
+        self.router_shift = shift.enabled
 
     def _check_trl_options(self) -> None:
         defaults = _grpo_fields()
@@ -220,8 +239,10 @@ class RSPOConfig(GRPOConfig):
                     f"TRL applies it in a loss rspo's objectives do not have"
                 )
         if self.loss_type in ("cispo", "sapo", "vespo", "luspo"):
-            raise ValueError(f"loss_type={self.loss_type!r} is its own objective in TRL; RSPOTrainer's objectives "
-                             f"take loss_type dapo, bnpo, grpo or dr_grpo")  # fmt: skip
+            raise ValueError(
+                f"loss_type={self.loss_type!r} is its own objective in TRL; RSPOTrainer's objectives "
+                f"take loss_type dapo, bnpo, grpo or dr_grpo"
+            )
         if self.loss_type is not None and self.loss_type not in TRL_LOSS_AGG:
             raise ValueError(f"loss_type={self.loss_type!r}; valid: {', '.join(TRL_LOSS_AGG)}")
 
@@ -229,15 +250,19 @@ class RSPOConfig(GRPOConfig):
         obj = get_objective(self.objective)
         if obj.level == "sequence":
             if self.loss_type not in (None, "grpo"):
-                raise ValueError(f"loss_type={self.loss_type!r} does not apply to the sequence objective "
-                                 f"{self.objective!r}: its loss is a mean over sequences (TRL's 'grpo')")  # fmt: skip
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} does not apply to the sequence objective "
+                    f"{self.objective!r}: its loss is a mean over sequences (TRL's 'grpo')"
+                )
             self.loss_type = "grpo"
         elif self.loss_type is None:
             self.loss_type = "dapo"  # TRL's default
         level = "token" if obj.level == "token" else "sequence"
         if self.importance_sampling_level not in (None, level):
-            raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r} contradicts objective "
-                             f"{self.objective!r}, whose ratio is {level}-level (leave it None)")  # fmt: skip
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r} contradicts objective "
+                f"{self.objective!r}, whose ratio is {level}-level (leave it None)"
+            )
         self.importance_sampling_level = level
         if self.rollout_weights_reduce != "arithmetic" and obj.level == "token":
             raise ValueError(f"rollout_weights_reduce applies to sequence objectives, not {self.objective!r}")
@@ -247,40 +272,84 @@ class RSPOConfig(GRPOConfig):
         self.epsilon_high = obj.defaults["clip_high"] if self.epsilon_high is None else self.epsilon_high
 
     def objective_hparams(self) -> dict[str, Any]:
-        token = get_objective(self.objective).level == "token"
-        return objective_hparams(
-            self.objective, clip_low=self.epsilon, clip_high=self.epsilon_high,
-            loss_agg=TRL_LOSS_AGG[self.loss_type] if token else None, norm_length=self.max_completion_length,
-            dual_clip=self.delta, router_shift=bool(self.router_shift), placement=self.router_shift_placement,
-            stop_gradient=self.router_shift_stop_gradient, form=self.router_shift_form,
-        )  # fmt: skip
+        return self.options.objective_hparams(norm_length=self.max_completion_length)
 
     def routing_options(self) -> RoutingOptions:
-        return RoutingOptions(shift=bool(self.router_shift), expert_agg=self.router_shift_expert_agg,
-                              layer_agg=self.router_shift_layer_agg, gamma_min=self.router_shift_gamma_min,
-                              stop_gradient=self.router_shift_stop_gradient, top_k=self.router_shift_top_k,
-                              prob=self.router_shift_prob, control=self.routing_control)  # fmt: skip
+        return self.options.routing_options()
 
 
+def _trl_field(option: str) -> str:
+    """RSPOConfig's field for router-shift option ``option``."""
+    return "router_shift" if option == "enabled" else f"router_shift_{option}"
+
+
+TRL_NAMES = Names(
+    objective={
+        "name": "objective",
+        "clip_low": "epsilon",
+        "clip_high": "epsilon_high",
+        "loss_agg": "loss_type",
+        "norm_length": "max_completion_length",
+        "dual_clip": "delta",
+    },
+    router_shift="router_shift_{}",
+    enabled="router_shift",
+    control="routing_control",
+)
+"""RSPOConfig's names of the options (TRL's own where it has one)."""
 RSPO_FIELDS = {f.name for f in dataclasses.fields(RSPOConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
 
 # The GRPOTrainer internals the subclass overrides or calls, with the parameters it relies on (TRL 1.16).
 TRL_INTERNALS: dict[str, tuple[str, ...]] = {
     "_compute_loss": ("self", "model", "inputs"),
-    "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep",
-                                           "batch_size", "compute_entropy", "compute_aux_loss"),
+    "_get_per_token_logps_and_entropies": (
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+    ),
     "_generate_and_score_completions": ("self", "inputs"),
     "get_high_entropy_mask": ("self", "entropies", "mask", "threshold"),
-    "get_off_policy_mask": ("advantages", "per_token_logps", "sampling_per_token_logps", "mask",
-                            "off_policy_threshold"),
-}  # fmt: skip
+    "get_off_policy_mask": (
+        "advantages",
+        "per_token_logps",
+        "sampling_per_token_logps",
+        "mask",
+        "off_policy_threshold",
+    ),
+}
 # GRPOTrainer attributes the loss reads (set by its __init__)
-TRL_ATTRIBUTES = ("aux_loss_enabled", "router_aux_loss_coef", "beta", "loss_type", "top_entropy_quantile",
-                  "off_policy_mask_threshold", "use_vllm", "vllm_importance_sampling_correction",
-                  "_entropy_bonus_enabled", "entropy_coef", "max_completion_length", "_metrics")  # fmt: skip
+TRL_ATTRIBUTES = (
+    "aux_loss_enabled",
+    "router_aux_loss_coef",
+    "beta",
+    "loss_type",
+    "top_entropy_quantile",
+    "off_policy_mask_threshold",
+    "use_vllm",
+    "vllm_importance_sampling_correction",
+    "_entropy_bonus_enabled",
+    "entropy_coef",
+    "max_completion_length",
+    "_metrics",
+)
 # Forwarded to the policy's forward as TRL forwards them (None when absent)
-_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-                 "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")  # fmt: skip
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 def check_trl_internals(cls: type = GRPOTrainer) -> None:
@@ -343,8 +412,10 @@ class RSPOTrainer(GRPOTrainer):
             raise TypeError("RSPOTrainer needs args=RSPOConfig(...)")
         missing = [a for a in TRL_ATTRIBUTES if not hasattr(self, a)]
         if missing:
-            raise RuntimeError(f"rspo's TRL adapter supports trl>=1.16,<1.17; this GRPOTrainer has no {missing}, "
-                               f"which the loss reads. Install trl 1.16, or update rspo.integrations.trl")  # fmt: skip
+            raise RuntimeError(
+                f"rspo's TRL adapter supports trl>=1.16,<1.17; this GRPOTrainer has no {missing}, "
+                f"which the loss reads. Install trl 1.16, or update rspo.integrations.trl"
+            )
         self.routing = RoutingStep(self.accelerator.unwrap_model(self.model), self.args.routing_options())
         self._hparams = self.args.objective_hparams()
         self._router_mode: str | None = None
@@ -417,9 +488,14 @@ class RSPOTrainer(GRPOTrainer):
             old = self.routing.old_trace(full, resp)
             self._old, self._router_mode = old, "gather"
         logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, t, compute_entropy=True, compute_aux_loss=self.aux_loss_enabled,
+            model,
+            input_ids,
+            attention_mask,
+            t,
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
             **{k: inputs.get(k) for k in _FORWARD_KEYS},
-        )  # (B, T)  # fmt: skip
+        )  # (B, T)
         gamma = self.routing.gamma(old, self._captured) if old is not None else None
         old_logps = inputs.get("old_per_token_logps")
         old_logps = logps.detach() if old_logps is None else old_logps  # TRL skips the old pass on-policy
@@ -447,10 +523,16 @@ class RSPOTrainer(GRPOTrainer):
             args.rollout_weights_reduce if w is not None and level == "sequence" and w.shape == mask.shape else None
         )
         loss, metrics = compute_policy_loss(
-            args.objective, logps, old_logps.to(logps.dtype), adv, mask,
-            router_shift=gamma if args.router_shift else None, rollout_weights=w, rollout_weights_reduce=reduce,
+            args.objective,
+            logps,
+            old_logps.to(logps.dtype),
+            adv,
+            mask,
+            router_shift=gamma if args.router_shift else None,
+            rollout_weights=w,
+            rollout_weights_reduce=reduce,
             **self._hparams,
-        )  # fmt: skip
+        )
         # our sequence means run over sequences with tokens, TRL's over all rows; dapo: TRL's global normaliser
         if self.loss_type == "dapo":
             scale = mask.sum() / self._dapo_normalizer(inputs, mode)

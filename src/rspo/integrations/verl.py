@@ -30,23 +30,19 @@ old pass: the update finds no old router record and says so).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
-from rspo.objectives import compute_policy_loss, get_objective, list_objectives
-from rspo.routing.capture import MoERouters, RouterTrace
-from rspo.routing.shift import (
-    ExpertAgg,
-    LayerAgg,
-    gamma_metrics,
-    gamma_tail_metrics,
-    non_shifted_ratio,
-    router_shift_ratio_with_grad,
-)
+from rspo.config import build, check_value
+from rspo.errors import ConfigError
+from rspo.objectives import WeightsReduce, compute_policy_loss, get_objective, list_objectives
+from rspo.options import Names, ObjectiveOptions, Options, RouterShiftOptions, router_shift_fields
+from rspo.routing.capture import RouterTrace
+from rspo.routing.step import OldTrace, RoutingControl, RoutingStep, router_gamma, router_metrics
 
 Tensor = torch.Tensor
 SUPPORTED_VERL = ">=0.9.1,<0.10"
@@ -56,51 +52,84 @@ OLD_IDX, OLD_LOGP = "rspo_old_topk_idx", "rspo_old_router_logp"  # old pass -> b
 CUR_IDX, CUR_LOGP = "rspo_cur_topk_idx", "rspo_cur_router_logp"  # update's model_output -> loss
 
 
-@dataclass
+SECTION_KEYS = (
+    "objective",
+    "router_shift",
+    *(k for k in router_shift_fields() if k != "enabled"),
+    "routing_control",
+    "rollout_weights_reduce",
+)
+"""The keys of ``actor_rollout_ref.rspo``: the objective, the router-shift options of :mod:`rspo.options`
+(``router_shift`` is the option ``enabled``), the routing control and the rollout-weights reduction."""
+
+
+def _key(option: str) -> str:
+    return f"{NAMESPACE}.router_shift" if option == "enabled" else f"{NAMESPACE}.{option}"
+
+
+VERL_NAMES = Names(
+    objective={
+        "name": f"{NAMESPACE}.objective",
+        "clip_low": "actor_rollout_ref.actor.clip_ratio_low",
+        "clip_high": "actor_rollout_ref.actor.clip_ratio_high",
+        "loss_agg": "actor_rollout_ref.actor.loss_agg_mode",
+        "norm_length": "actor_rollout_ref.actor.loss_scale_factor",
+        "dual_clip": "actor_rollout_ref.actor.clip_ratio_c",
+    },
+    router_shift=f"{NAMESPACE}.{{}}",
+    enabled=f"{NAMESPACE}.router_shift",
+    control=f"{NAMESPACE}.routing_control",
+)
+"""verl's names of the options (the clip range and aggregation are verl's own actor keys)."""
+
+
 class VerlRSPOConfig:
-    """``actor_rollout_ref.rspo``: the objective and the router-shift options (as ``rspo train``'s)."""
+    """``actor_rollout_ref.rspo``, parsed with rspo's config builder: the objective's name, the router-shift
+    options (:class:`rspo.options.RouterShiftOptions`), the routing control (``none``; router freezing and
+    replay are not wired into verl's engine: an error naming the key) and ``rollout_weights_reduce``
+    (verl's per-token ``rollout_is_weights`` on a sequence objective: 'geometric', verl's geo_mean, when
+    None, or 'arithmetic'). Errors name ``actor_rollout_ref.rspo.<key>``."""
 
-    objective: str = "rspo"
-    """Registered objective: grpo, gspo, gspo_token, gmpo, rspo (``rspo objectives``)."""
-    router_shift: bool | None = None
-    """Weight each token's ratio by gamma; None = on for rspo (which requires it), off otherwise."""
-    gamma_min: float = 0.5
-    expert_agg: ExpertAgg = "log_mean"
-    layer_agg: LayerAgg = "geo_mean"
-    stop_gradient: bool = True
-    top_k: int | None = None
-    """Old experts per layer stored and used; None = the model's experts per token."""
-    prob: str = "full"
-    placement: str = "after_clip"
-    rollout_weights_reduce: str | None = None
-    """verl's per-token ``rollout_is_weights`` on a sequence objective: 'geometric' (None: verl's geo_mean)
-    or 'arithmetic'."""
-
-    def __post_init__(self) -> None:
-        key = f"{NAMESPACE}."
+    def __init__(self, **section: Any) -> None:
+        unknown = sorted(set(section) - set(SECTION_KEYS))
+        if unknown:
+            near = {k: m[0] for k in unknown if (m := difflib.get_close_matches(k, SECTION_KEYS, n=1, cutoff=0.6))}
+            hint = "".join(f" (did you mean {NAMESPACE}.{m}?)" for m in near.values())
+            raise ConfigError(f"{NAMESPACE}.{unknown[0]}: unknown key{hint}; valid keys: {', '.join(SECTION_KEYS)}")
+        data = dict(section)
+        self.objective: str = check_value(str, data.pop("objective", "rspo"), f"{NAMESPACE}.objective")
         if self.objective not in list_objectives():
-            raise ValueError(f"{key}objective={self.objective!r}; valid: {', '.join(list_objectives())}")
-        mode = get_objective(self.objective).router_shift
-        if self.router_shift is None:
-            self.router_shift = mode == "required"
-        if mode == "required" and not self.router_shift:
-            raise ValueError(f"{key}router_shift=false: objective {self.objective!r} needs the router shift")
-        if mode == "none" and self.router_shift:
-            raise ValueError(f"{key}router_shift=true: objective {self.objective!r} does not take a router shift")
-        for name, valid in (("expert_agg", get_args(ExpertAgg)), ("layer_agg", get_args(LayerAgg)),
-                            ("prob", ("full", "topk_renorm")), ("placement", ("after_clip", "before_clip")),
-                            ("rollout_weights_reduce", (None, "geometric", "arithmetic"))):  # fmt: skip
-            if getattr(self, name) not in valid:
-                raise ValueError(f"{key}{name}={getattr(self, name)!r}; valid: {', '.join(map(str, valid))}")
-        if not 0.0 < self.gamma_min <= 1.0:
-            raise ValueError(f"{key}gamma_min={self.gamma_min}: must lie in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"{key}top_k={self.top_k}: must be >= 1 (or null: the model's)")
+            raise ConfigError(f"{NAMESPACE}.objective={self.objective!r}; valid: {', '.join(list_objectives())}")
+        control = data.pop("routing_control", "none")
+        self.routing_control: RoutingControl = check_value(RoutingControl, control, f"{NAMESPACE}.routing_control")
+        if self.routing_control != "none":
+            raise ConfigError(
+                f"{NAMESPACE}.routing_control={self.routing_control!r}: router freezing and routing "
+                "replay are not wired into verl's engine by the plugin (use verl's own, or rspo train)"
+            )
+        self.rollout_weights_reduce: WeightsReduce | None = check_value(
+            WeightsReduce | None, data.pop("rollout_weights_reduce", None), f"{NAMESPACE}.rollout_weights_reduce"
+        )
+        shift = {"enabled" if k == "router_shift" else k: v for k, v in data.items()}
+        self.shift = build(RouterShiftOptions, shift, name=_key)
+        # the router shift against the objective, now (the clip range comes from the actor, at install time)
+        Options(ObjectiveOptions(self.objective), self.shift, names=VERL_NAMES)
+
+    @property
+    def router_shift(self) -> bool:
+        return bool(self.shift.enabled)
+
+    def __getattr__(self, name: str) -> Any:  # the router-shift options read as attributes (cfg.gamma_min)
+        if name != "shift" and name in router_shift_fields():
+            return getattr(self.shift, name)
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"VerlRSPOConfig(objective={self.objective!r}, {self.shift})"
 
     @classmethod
     def from_verl(cls, node: Mapping[str, Any] | None) -> VerlRSPOConfig | None:
-        """The section as verl hands it to the worker (an OmegaConf node or a dict); None when absent.
-        Unknown keys and wrong types are errors naming ``actor_rollout_ref.rspo.<key>``."""
+        """The section as verl hands it to the worker (an OmegaConf node or a dict); None when absent."""
         if node is None:
             return None
         try:
@@ -109,15 +138,6 @@ class VerlRSPOConfig:
             data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
         except ImportError:
             data = dict(node)
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"{NAMESPACE}.{unknown[0]}: unknown key; valid keys: {', '.join(known)}")
-        for k, v in data.items():
-            want = {"gamma_min": (float, int), "top_k": (int, type(None)), "stop_gradient": (bool,),
-                    "router_shift": (bool, type(None))}.get(k, (str, type(None)))  # fmt: skip
-            if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
-                raise ValueError(f"{NAMESPACE}.{k}={v!r}: expected {' or '.join(t.__name__ for t in want)}")
         return cls(**data)
 
 
@@ -152,36 +172,47 @@ only the default token-mean, which verl's geo_mean ignores too, is accepted)."""
 _TOKEN_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # verl's names = ours
 
 
-def objective_hparams(actor: Any, cfg: VerlRSPOConfig) -> dict[str, Any]:
-    """The objective's hyperparameters from verl's actor config (errors name the verl key)."""
+def options(actor: Any, cfg: VerlRSPOConfig) -> Options:
+    """The run's options: the objective with verl's actor clip range, dual clip and aggregation, and the
+    section's router-shift options (errors name the verl key)."""
     obj = get_objective(cfg.objective)
     loss_mode = actor.policy_loss.get("loss_mode", "vanilla") if actor.policy_loss is not None else "vanilla"
     if loss_mode != "vanilla":
-        raise ValueError(f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r}: with {NAMESPACE} the "
-                         f"objective is {NAMESPACE}.objective; leave loss_mode at vanilla")  # fmt: skip
+        raise ConfigError(
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r}: with {NAMESPACE} the "
+            f"objective is {NAMESPACE}.objective; leave loss_mode at vanilla"
+        )
     low = actor.clip_ratio_low if actor.clip_ratio_low is not None else actor.clip_ratio
     high = actor.clip_ratio_high if actor.clip_ratio_high is not None else actor.clip_ratio
-    hp: dict[str, Any] = {"clip_low": low, "clip_high": high}
+    objective: dict[str, Any] = {"name": cfg.objective, "clip_low": low, "clip_high": high}
     if "dual_clip" in obj.defaults:
-        hp["dual_clip"] = actor.clip_ratio_c
+        objective["dual_clip"] = actor.clip_ratio_c
     elif actor.clip_ratio_c != 3.0:
-        raise ValueError(f"actor_rollout_ref.actor.clip_ratio_c={actor.clip_ratio_c}: objective {cfg.objective!r} "
-                         "has no dual clip (leave it at 3.0)")  # fmt: skip
+        raise ConfigError(
+            f"actor_rollout_ref.actor.clip_ratio_c={actor.clip_ratio_c}: objective {cfg.objective!r} "
+            "has no dual clip (leave it at 3.0)"
+        )
     mode = actor.loss_agg_mode
     if "loss_agg" in obj.defaults:
         if mode not in _TOKEN_AGG:
-            raise ValueError(f"actor_rollout_ref.actor.loss_agg_mode={mode!r}: {cfg.objective} takes "
-                             f"{', '.join(_TOKEN_AGG)}")  # fmt: skip
-        hp["loss_agg"] = mode
+            raise ConfigError(
+                f"actor_rollout_ref.actor.loss_agg_mode={mode!r}: {cfg.objective} takes {', '.join(_TOKEN_AGG)}"
+            )
+        objective["loss_agg"] = mode
         if mode == "seq-mean-token-sum-norm":
-            hp["norm_length"] = actor.loss_scale_factor  # None: filled with the response length per call
+            objective["norm_length"] = actor.loss_scale_factor  # None: the response length, per call
     elif mode != "token-mean":
-        raise ValueError(f"actor_rollout_ref.actor.loss_agg_mode={mode!r}: {cfg.objective} is a sequence-level "
-                         "objective (a mean over sequences); leave loss_agg_mode at token-mean")  # fmt: skip
-    if cfg.router_shift:
-        hp["router_shift_placement"] = cfg.placement
-        hp["router_shift_grad"] = not cfg.stop_gradient
-    return hp
+        raise ConfigError(
+            f"actor_rollout_ref.actor.loss_agg_mode={mode!r}: {cfg.objective} is a sequence-level "
+            "objective (a mean over sequences); leave loss_agg_mode at token-mean"
+        )
+    built = build(ObjectiveOptions, objective, name=VERL_NAMES.objective.__getitem__)
+    return Options(built, cfg.shift, cfg.routing_control, names=VERL_NAMES)
+
+
+def objective_hparams(actor: Any, cfg: VerlRSPOConfig, norm_length: float | None = None) -> dict[str, Any]:
+    """The objective's hyperparameters from verl's actor config and the section (errors name the verl key)."""
+    return options(actor, cfg).objective_hparams(norm_length=norm_length)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,30 +229,34 @@ class EngineRouterCapture:
 
     def __init__(self, engine: Any, cfg: VerlRSPOConfig) -> None:
         self.engine, self.cfg = engine, cfg
-        self._routers: MoERouters | None = None
-        self._hooks: contextlib.ExitStack | None = None  # MoERouters' capture or gather, open for one forward
+        self._step: RoutingStep | None = None
+        self._hooks: contextlib.ExitStack | None = None  # the routing step's capture or forward, for one forward
         self._rec: Any = None
         self._mode: str | None = None
 
     @property
-    def routers(self) -> MoERouters:
-        if self._routers is None:
-            self._routers = MoERouters(self.engine.module, top_k=self.cfg.top_k, prob=self.cfg.prob)
-        return self._routers
+    def step(self) -> RoutingStep:
+        """The routing step of the actor's module (built at first use: FSDP has wrapped the module by then)."""
+        if self._step is None:
+            opts = Options(ObjectiveOptions(self.cfg.objective), self.cfg.shift, names=VERL_NAMES)
+            self._step = RoutingStep(self.engine.module, opts.routing_options(log=True))
+        return self._step
 
     def _check_engine(self, micro_batch: Any) -> None:
         import verl.utils.tensordict_utils as tu
 
         if getattr(self.engine, "use_ulysses_sp", False):
-            raise NotImplementedError(f"{NAMESPACE}: Ulysses sequence parallelism is not supported (set "
-                                      "ulysses_sequence_parallel_size=1)")  # fmt: skip
+            raise NotImplementedError(
+                f"{NAMESPACE}: Ulysses sequence parallelism is not supported (set ulysses_sequence_parallel_size=1)"
+            )
         if tu.get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False):
-            raise NotImplementedError(f"{NAMESPACE}: use_fused_kernels is not supported (the router hooks need "
-                                      "the model's plain forward)")  # fmt: skip
+            raise NotImplementedError(
+                f"{NAMESPACE}: use_fused_kernels is not supported (the router hooks need the model's plain forward)"
+            )
 
     def before(self, micro_batch: Any) -> None:
-        """Arm the hooks for this micro-batch's forward: :meth:`MoERouters.capture` in the old pass,
-        :meth:`MoERouters.gather` at the old experts in the update (its hooks skip checkpoint recomputation)."""
+        """Arm the hooks for this micro-batch's forward: the routing step's capture in the old pass, its
+        forward (a gather at the old experts) in the update (its hooks skip checkpoint recomputation)."""
         import verl.utils.tensordict_utils as tu
 
         self.after_abandoned()
@@ -233,10 +268,9 @@ class EngineRouterCapture:
         else:
             return
         self._check_engine(micro_batch)
-        r = self.routers
         if self._mode == "old":
             self._hooks = contextlib.ExitStack()
-            self._rec = self._hooks.enter_context(r.capture(positions=None))
+            self._rec = self._hooks.enter_context(self.step.capture(None, chunks="sequence"))
             return
         if OLD_IDX not in micro_batch:
             self._mode = None
@@ -248,7 +282,7 @@ class EngineRouterCapture:
         stored = self._old_per_forward_token(micro_batch, micro_batch[OLD_IDX])  # (B, S, L, K)
         trace = RouterTrace(stored, stored.new_zeros(stored.shape, dtype=torch.float32))  # gather reads topk_idx
         self._hooks = contextlib.ExitStack()
-        self._rec = self._hooks.enter_context(r.gather(trace, keep_grad=not self.cfg.stop_gradient))
+        self._rec = self._hooks.enter_context(self.step.forward(OldTrace(trace), None))
 
     def _old_per_forward_token(self, micro_batch: Any, old: Tensor) -> Tensor:
         """The old experts laid out as the forward's tokens ``(B, S, L, K)``: packed (B = 1, plus the tail
@@ -256,13 +290,13 @@ class EngineRouterCapture:
         import verl.utils.tensordict_utils as tu
 
         if not old.is_nested:
-            raise TypeError(f"{OLD_IDX} must be a nested (jagged) tensor as the old pass wrote it, got "
-                            f"{tuple(old.shape)}")  # fmt: skip
+            raise TypeError(
+                f"{OLD_IDX} must be a nested (jagged) tensor as the old pass wrote it, got {tuple(old.shape)}"
+            )
         ids = micro_batch["input_ids"]
         if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
             vals = old.values()  # (nnz, L, K)
-            pad = self.engine._get_packed_pad_size(vals.shape[0]) if hasattr(self.engine, "_get_packed_pad_size") \
-                else 0  # fmt: skip
+            pad = self.engine._get_packed_pad_size(vals.shape[0]) if hasattr(self.engine, "_get_packed_pad_size") else 0
             if pad:
                 vals = torch.cat([vals, vals.new_zeros(pad, *vals.shape[1:])])
             return vals[None]
@@ -318,8 +352,12 @@ def install_capture(engine: Any, cfg: VerlRSPOConfig) -> EngineRouterCapture:
     @functools.wraps(outputs)
     def prepare_model_outputs(output, output_args, micro_batch, logits_processor_func):
         try:
-            model_output = outputs(output=output, output_args=output_args, micro_batch=micro_batch,
-                                   logits_processor_func=logits_processor_func)  # fmt: skip
+            model_output = outputs(
+                output=output,
+                output_args=output_args,
+                micro_batch=micro_batch,
+                logits_processor_func=logits_processor_func,
+            )
         except BaseException:
             cap.after_abandoned()
             raise
@@ -342,17 +380,29 @@ def _global_scale(loss: Tensor, mask: Tensor, token_level_mean: bool, info: dict
     total = info["batch_num_tokens"] if token_level_mean else info["global_batch_size"]
     if total is None:
         if dp > 1:
-            raise ValueError(f"{'batch_num_tokens' if token_level_mean else 'global_batch_size'} is required when "
-                             "dp_size > 1 (verl's agg_loss rule)")  # fmt: skip
+            raise ValueError(
+                f"{'batch_num_tokens' if token_level_mean else 'global_batch_size'} is required when "
+                "dp_size > 1 (verl's agg_loss rule)"
+            )
         return loss, False
     local = mask.sum() if token_level_mean else (mask.sum(-1) > 0).sum()
     return loss * local / total * dp, True
 
 
-def rspo_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = None, *,
-                  rspo: VerlRSPOConfig) -> tuple[Tensor, dict[str, Any]]:  # fmt: skip
-    """verl's loss-function contract (``ppo_loss``'s signature, ``rspo`` bound by partial): the objective
-    with the router shift, verl's rollout weights, entropy bonus and KL loss, normalised as ``agg_loss``.
+def rspo_ppo_loss(
+    config: Any,
+    model_output: dict,
+    data: Any,
+    dp_group: Any = None,
+    *,
+    rspo: VerlRSPOConfig,
+    capture: EngineRouterCapture | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """verl's loss-function contract (``ppo_loss``'s signature, ``rspo`` and the engine's ``capture`` bound by
+    partial): the objective with the router shift, verl's rollout weights, entropy bonus and KL loss,
+    normalised as ``agg_loss``. Gamma and the router metrics come from :mod:`rspo.routing.step`, as in
+    ``rspo train`` (``router/load_max_ratio`` needs the capture's model; the gamma histogram is not logged:
+    verl's metrics are numbers).
 
     Departure from verl's ``geo_mean``: that loss is a mean over the micro-batch's rows, and the engine sums
     micro-batch losses, so it grows with the number of micro-batches; gmpo/rspo here are means over the global
@@ -366,46 +416,55 @@ def rspo_ppo_loss(config: Any, model_output: dict, data: Any, dp_group: Any = No
     entropy = model_output.get("entropy")
     if entropy is not None:
         entropy = no_padding_2_padding(entropy, data)
-    info = {"dp_size": data["dp_size"], "batch_num_tokens": data["batch_num_tokens"],
-            "global_batch_size": data["global_batch_size"], "loss_scale_factor": config.loss_scale_factor}  # fmt: skip
+    info = {
+        "dp_size": data["dp_size"],
+        "batch_num_tokens": data["batch_num_tokens"],
+        "global_batch_size": data["global_batch_size"],
+        "loss_scale_factor": config.loss_scale_factor,
+    }
     config.global_batch_info.update(info)
     wanted = ["response_mask", "old_log_probs", "advantages"]
     wanted += [k for k in ("rollout_is_weights", "ref_log_prob") if k in data]
     small = data.select(*wanted).to_padded_tensor()
     mask = small["response_mask"].to(log_prob.dtype)
-    hp = objective_hparams(config, rspo)
-    if hp.get("loss_agg") == "seq-mean-token-sum-norm" and hp.get("norm_length") is None:
-        hp["norm_length"] = float(mask.shape[-1])  # agg_loss's default horizon
+    opts = options(config, rspo)
+    hp = opts.objective_hparams(norm_length=float(mask.shape[-1]))  # agg_loss's default horizon
     metrics: dict[str, Any] = {}
     gamma = None
     if rspo.router_shift:
         for key, src in ((OLD_LOGP, data), (CUR_LOGP, model_output)):
             if key not in src:
                 where = "batch" if src is data else "model output"
-                raise KeyError(f"{NAMESPACE}: no {key!r} in the {where}: the router capture is not installed on "
-                               "this engine, or the old pass did not run")  # fmt: skip
-        old_lp = no_padding_2_padding(data[OLD_LOGP], data)  # (B, T, L, K)
-        cur_lp = no_padding_2_padding(model_output[CUR_LOGP], data)
-        g = router_shift_ratio_with_grad(old_lp.to(cur_lp.dtype), cur_lp, expert_agg=rspo.expert_agg,
-                                         layer_agg=rspo.layer_agg, gamma_min=rspo.gamma_min)  # fmt: skip
-        gamma = (g if not rspo.stop_gradient else g.detach()).to(log_prob.dtype)
-        old_idx = no_padding_2_padding(data[OLD_IDX], data)
-        cur_idx = no_padding_2_padding(model_output[CUR_IDX], data)
-        metrics.update(gamma_metrics(gamma, mask, rspo.gamma_min))
-        metrics.update(gamma_tail_metrics(gamma, mask))
-        metrics["router/non_shifted_ratio"] = non_shifted_ratio(old_idx, cur_idx, mask)
+                raise KeyError(
+                    f"{NAMESPACE}: no {key!r} in the {where}: the router capture is not installed on "
+                    "this engine, or the old pass did not run"
+                )
+        pad = functools.partial(no_padding_2_padding, data=data)  # (B, T, L, K) at the response tokens
+        old = OldTrace(RouterTrace(pad(data[OLD_IDX]), pad(data[OLD_LOGP])))
+        cur = RouterTrace(pad(model_output[CUR_IDX]), pad(model_output[CUR_LOGP]))
+        routing = opts.routing_options(log=True)
+        gamma = router_gamma(routing, old, cur).to(log_prob.dtype)
+        experts = capture.step.routers.num_experts if capture is not None else None
+        metrics.update(router_metrics(routing, old, cur, gamma, mask, experts, histogram=False))
         metrics["router/tokens"] = int((mask > 0).sum())
     weights = small.get("rollout_is_weights", None)
     loss, pg = compute_policy_loss(
-        rspo.objective, log_prob, small["old_log_probs"].to(log_prob.dtype), small["advantages"].to(log_prob.dtype),
-        mask, router_shift=gamma, rollout_weights=weights,
+        rspo.objective,
+        log_prob,
+        small["old_log_probs"].to(log_prob.dtype),
+        small["advantages"].to(log_prob.dtype),
+        mask,
+        router_shift=gamma,
+        rollout_weights=weights,
         rollout_weights_reduce=(rspo.rollout_weights_reduce or "geometric")
-        if weights is not None and get_objective(rspo.objective).level == "sequence" else None, **hp,
-    )  # fmt: skip
+        if weights is not None and get_objective(rspo.objective).level == "sequence"
+        else None,
+        **hp,
+    )
     token_mean = hp.get("loss_agg") == "token-mean"
     policy_loss, partial_sum = _global_scale(loss, mask, token_mean, info)
     agg = AggregationType.SUM if partial_sum else AggregationType.MEAN
-    metrics.update({f"pg/{k}": v for k, v in pg.items() if not k.startswith("router/")})
+    metrics.update({k if k.startswith("router/") else f"pg/{k}": v for k, v in pg.items()})  # router/clip_frac
     metrics["pg_loss"] = Metric(value=policy_loss.detach(), aggregation=agg)
     if entropy is not None and config.entropy_coeff != 0:
         ent = agg_loss(loss_mat=entropy, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info)
@@ -434,15 +493,18 @@ def after_init_model(worker: Any) -> VerlRSPOConfig | None:
     loss_fn = worker.loss_fn
     actor_config = getattr(loss_fn, "keywords", {}).get("config")
     if actor_config is None:
-        raise TypeError(f"{NAMESPACE}: the actor's loss is not verl's partial(ppo_loss, config=...) "
-                        f"({loss_fn!r}); distillation and custom losses cannot be combined with it")  # fmt: skip
+        raise TypeError(
+            f"{NAMESPACE}: the actor's loss is not verl's partial(ppo_loss, config=...) "
+            f"({loss_fn!r}); distillation and custom losses cannot be combined with it"
+        )
     if actor_config.strategy not in ("fsdp", "fsdp2"):
-        raise ValueError(f"actor_rollout_ref.actor.strategy={actor_config.strategy!r}: {NAMESPACE} supports the "
-                         "FSDP engine (fsdp, fsdp2)")  # fmt: skip
-    objective_hparams(actor_config, cfg)  # config errors now, not at the first update
-    if cfg.router_shift:
-        install_capture(worker.actor.engine, cfg)
-    worker.loss_fn = functools.partial(rspo_ppo_loss, config=actor_config, rspo=cfg)
+        raise ValueError(
+            f"actor_rollout_ref.actor.strategy={actor_config.strategy!r}: {NAMESPACE} supports the "
+            "FSDP engine (fsdp, fsdp2)"
+        )
+    options(actor_config, cfg)  # config errors now, not at the first update
+    cap = install_capture(worker.actor.engine, cfg) if cfg.router_shift else None
+    worker.loss_fn = functools.partial(rspo_ppo_loss, config=actor_config, rspo=cfg, capture=cap)
     worker.actor.set_loss_fn(worker.loss_fn)
     return cfg
 
@@ -465,14 +527,26 @@ def patch_actor_worker(cls: type) -> None:
 
 VERL_INTERNALS = {
     "verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.prepare_model_inputs": ("self", "micro_batch"),
-    "verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.prepare_model_outputs":
-        ("self", "output", "output_args", "micro_batch", "logits_processor_func"),
+    "verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.prepare_model_outputs": (
+        "self",
+        "output",
+        "output_args",
+        "micro_batch",
+        "logits_processor_func",
+    ),
     "verl.workers.engine.fsdp.transformer_impl.FSDPEngine._gather_and_unpad_packed": ("self", "tensor", "pad_size"),
     "verl.workers.utils.losses.ppo_loss": ("config", "model_output", "data", "dp_group"),
     "verl.workers.utils.padding.no_padding_2_padding": ("tensor", "data"),
-    "verl.trainer.ppo.core_algos.agg_loss": ("loss_mat", "loss_mask", "loss_agg_mode", "dp_size", "batch_num_tokens",
-                                             "global_batch_size", "loss_scale_factor"),
-}  # fmt: skip
+    "verl.trainer.ppo.core_algos.agg_loss": (
+        "loss_mat",
+        "loss_mask",
+        "loss_agg_mode",
+        "dp_size",
+        "batch_num_tokens",
+        "global_batch_size",
+        "loss_scale_factor",
+    ),
+}
 """The verl functions we wrap or call, with the parameters we rely on."""
 
 
@@ -495,14 +569,26 @@ def check_verl_internals() -> None:
             for name in parts[cut:]:
                 obj = getattr(obj, name)
         except AttributeError:
-            raise RuntimeError(f"verl {verl.__version__}: {path} is gone; rspo's verl plugin supports verl"
-                               f"{SUPPORTED_VERL}") from None  # fmt: skip
+            raise RuntimeError(
+                f"verl {verl.__version__}: {path} is gone; rspo's verl plugin supports verl{SUPPORTED_VERL}"
+            ) from None
         have = tuple(inspect.signature(obj).parameters)
         if have[: len(params)] != params:
-            raise RuntimeError(f"verl {verl.__version__}: {path}{have} moved from {params}; rspo's verl plugin "
-                               f"supports verl{SUPPORTED_VERL}")  # fmt: skip
+            raise RuntimeError(
+                f"verl {verl.__version__}: {path}{have} moved from {params}; rspo's verl plugin "
+                f"supports verl{SUPPORTED_VERL}"
+            )
 
 
-__all__ = ["NAMESPACE", "SUPPORTED_VERL", "EngineRouterCapture", "VerlRSPOConfig", "after_init_model",
-           "check_verl_internals", "install_capture", "objective_hparams", "patch_actor_worker",
-           "rspo_ppo_loss"]  # fmt: skip
+__all__ = [
+    "NAMESPACE",
+    "SUPPORTED_VERL",
+    "EngineRouterCapture",
+    "VerlRSPOConfig",
+    "after_init_model",
+    "check_verl_internals",
+    "install_capture",
+    "objective_hparams",
+    "patch_actor_worker",
+    "rspo_ppo_loss",
+]

@@ -1,4 +1,5 @@
-"""Router-shift math, router capture and routing control for transformers MoE families."""
+"""Router-shift math, router capture and routing control for transformers MoE families, and the one routing
+step (:class:`RoutingStep`, :func:`router_gamma`, :func:`router_metrics`) the trainer and every adapter call."""
 
 from rspo.routing.capture import MoERouters, ReplayMode, RouterTrace, index_dtype
 from rspo.routing.families import FAMILIES, RouterFamily, RouterProb, family_of
@@ -16,6 +17,7 @@ from rspo.routing.shift import (
     router_shift_ratio,
     router_shift_ratio_with_grad,
 )
+from rspo.routing.step import OldTrace, RoutingControl, RoutingOptions, RoutingStep, router_gamma, router_metrics
 
 __all__ = [
     "FAMILIES",
@@ -23,10 +25,14 @@ __all__ = [
     "ExpertAgg",
     "LayerAgg",
     "MoERouters",
+    "OldTrace",
     "ReplayMode",
     "RouterFamily",
     "RouterProb",
     "RouterTrace",
+    "RoutingControl",
+    "RoutingOptions",
+    "RoutingStep",
     "family_of",
     "gamma_histogram",
     "gamma_metrics",
@@ -35,6 +41,8 @@ __all__ = [
     "index_dtype",
     "non_shifted_ratio",
     "router_clip_mask",
+    "router_gamma",
+    "router_metrics",
     "router_shift_log_ratio",
     "router_shift_ratio",
     "router_shift_ratio_with_grad",

@@ -123,8 +123,10 @@ def adapt_split_routers(model: nn.Module) -> int:
         if type(moe).__name__ != "DeepseekV3MoE" or gate is None or hasattr(gate, "top_k"):
             continue
         if not hasattr(moe, "route_tokens_to_experts"):
-            raise ModelError("DeepseekV3MoE of this transformers version has neither a top-k router nor "
-                             "route_tokens_to_experts: unsupported; use transformers >= 5.5.3")  # fmt: skip
+            raise ModelError(
+                "DeepseekV3MoE of this transformers version has neither a top-k router nor "
+                "route_tokens_to_experts: unsupported; use transformers >= 5.5.3"
+            )
         gate.num_experts, gate.top_k = moe.n_routed_experts, moe.top_k
         gate.norm_topk_prob, gate.routed_scaling_factor = moe.norm_topk_prob, moe.routed_scaling_factor
         gate.num_group, gate.topk_group = moe.n_group, moe.topk_group

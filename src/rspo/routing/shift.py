@@ -178,8 +178,30 @@ def gamma_tail_metrics(gamma: Tensor, mask: Tensor) -> dict[str, float]:
     return out
 
 
-GAMMA_EDGES = (1.0, 0.99999, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.9, 0.88,
-               0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.0)  # fmt: skip
+GAMMA_EDGES = (
+    1.0,
+    0.99999,
+    0.9999,
+    0.999,
+    0.995,
+    0.99,
+    0.98,
+    0.97,
+    0.96,
+    0.95,
+    0.94,
+    0.93,
+    0.92,
+    0.9,
+    0.88,
+    0.85,
+    0.8,
+    0.75,
+    0.7,
+    0.6,
+    0.5,
+    0.0,
+)
 """Bins of :func:`gamma_histogram`: bin 0 holds gamma == 1 exactly, bin i >= 1 holds
 ``GAMMA_EDGES[i] <= gamma < GAMMA_EDGES[i - 1]`` (so shares below 0.99, 0.95, 0.9 are exact sums)."""
 

@@ -2,7 +2,7 @@
 without gradient, and the router metrics. The trainer, the TRL adapter and later adapters call it in a
 few lines each; the loss takes gamma as given.
 
-    step = RoutingStep(model, RoutingOptions(shift=True, gamma_min=0.5))
+    step = RoutingStep(model, options.routing_options())   # rspo.options: the run's options
     with step.capture(resp) as rec:                 # the no-grad old pass (old log-probs)
         old_logits = model(...)
     old = step.old_trace(rec.trace, resp)           # what the update needs, per row
@@ -109,8 +109,9 @@ class RoutingStep:
         return self.opts.control in ("replay_logits", "replay_indices")
 
     @contextlib.contextmanager
-    def capture(self, resp: slice, chunks: Literal["sequence", "batch"] = "batch") -> Iterator:
-        """The old pass: records the old top-K experts and router log-probs (every position for replay)."""
+    def capture(self, resp: slice | None, chunks: Literal["sequence", "batch"] = "batch") -> Iterator:
+        """The old pass: records the old top-K experts and router log-probs at the response positions ``resp``
+        (every position for replay, or with ``resp=None``)."""
         if self.routers is None:
             yield None
             return
@@ -124,16 +125,20 @@ class RoutingStep:
         return OldTrace(trace.positions(resp), trace) if self.replay else OldTrace(trace)
 
     @contextlib.contextmanager
-    def forward(self, old: OldTrace | None, resp: slice, chunks: Literal["single", "batch"] = "single") -> Iterator:
+    def forward(
+        self, old: OldTrace | None, resp: slice | None, chunks: Literal["single", "batch"] = "single"
+    ) -> Iterator:
         """The training forward: replays the old routing (kept on until :meth:`end`, so checkpointed layers
-        recompute with it) and gathers the current router's log-probs at the old experts."""
+        recompute with it) and gathers the current router's log-probs at the old experts (at positions
+        ``resp``; ``None``: the trace covers every position of the forward)."""
         if self.routers is None or old is None:
             yield None
             return
         if old.full is not None:
             self.routers.start_replay(old.full, mode="logits" if self.opts.control == "replay_logits" else "indices")
-        with self.routers.gather(old.trace, positions=resp, keep_grad=not self.opts.stop_gradient,
-                                 chunks=chunks) as cur:  # fmt: skip
+        with self.routers.gather(
+            old.trace, positions=resp, keep_grad=not self.opts.stop_gradient, chunks=chunks
+        ) as cur:
             yield cur
 
     def end(self) -> None:
@@ -143,37 +148,65 @@ class RoutingStep:
 
     def gamma(self, old: OldTrace, cur: RouterTrace) -> Tensor:
         """The router-shift ratio ``(B, T)`` in [gamma_min, 1]; detached unless ``stop_gradient=False``."""
-        o = self.opts
-        g = router_shift_ratio_with_grad(old.trace.logp, cur.logp, expert_agg=o.expert_agg, layer_agg=o.layer_agg,
-                                         gamma_min=o.gamma_min)  # fmt: skip
-        return g if not o.stop_gradient else g.detach()
+        return router_gamma(self.opts, old, cur)
 
-    def metrics(self, old: OldTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor) -> dict[str, Any]:
-        """Over the response mask: ``router/gamma_{mean,p10,min,at_floor}``, the tail (``gamma_p1``,
-        ``gamma_p50``, shares ``gamma_below_{0.99,0.95,0.9}``), ``router/gamma_hist`` (token counts per
-        :data:`~rspo.routing.shift.GAMMA_EDGES` bin), ``router/non_shifted_ratio`` (all layers keep their
-        top-K set), per layer ``router/keep_layer{l}`` (the same share at layer l) and ``router/shift_layer{l}``
-        (mean over tokens of mean_k |log r_new - log r_old| at layer l: -log g_l), and
-        ``router/load_max_ratio`` (the busiest expert's share of tokens x E, mean over layers; 1 = balanced)."""
-        e = self.routers.num_experts
-        sel = mask > 0
+    def metrics(
+        self, old: OldTrace, cur: RouterTrace, gamma: Tensor, mask: Tensor, histogram: bool = True
+    ) -> dict[str, Any]:
+        """The router metrics of one update (:func:`router_metrics`)."""
+        return router_metrics(self.opts, old, cur, gamma, mask, self.routers.num_experts, histogram=histogram)
+
+
+def router_gamma(opts: RoutingOptions, old: OldTrace, cur: RouterTrace) -> Tensor:
+    """The router-shift ratio ``(B, T)`` in [gamma_min, 1] from the old and the current router log-probs at
+    the old experts; detached unless ``opts.stop_gradient`` is False. The one place gamma is made."""
+    g = router_shift_ratio_with_grad(
+        old.trace.logp.to(cur.logp.dtype),
+        cur.logp,
+        expert_agg=opts.expert_agg,
+        layer_agg=opts.layer_agg,
+        gamma_min=opts.gamma_min,
+    )
+    return g if not opts.stop_gradient else g.detach()
+
+
+def router_metrics(
+    opts: RoutingOptions,
+    old: OldTrace,
+    cur: RouterTrace,
+    gamma: Tensor,
+    mask: Tensor,
+    num_experts: int | None = None,
+    histogram: bool = True,
+) -> dict[str, Any]:
+    """The router metrics of one update, over the response mask (the one place they are computed):
+    ``router/gamma_{mean,p10,min,at_floor}``, the tail (``gamma_p1``, ``gamma_p50``, shares
+    ``gamma_below_{0.99,0.95,0.9}``), ``router/non_shifted_ratio`` (all layers keep their top-K set), per
+    layer ``router/keep_layer{l}`` (the same share at layer l) and ``router/shift_layer{l}`` (mean over tokens
+    of mean_k |log r_new - log r_old| at layer l: -log g_l); with ``num_experts``, ``router/load_max_ratio``
+    (the busiest expert's share of tokens x E, mean over layers; 1 = balanced); with ``histogram``,
+    ``router/gamma_hist`` (token counts per :data:`~rspo.routing.shift.GAMMA_EDGES` bin, a list)."""
+    sel = mask > 0
+    out: dict[str, Any] = {
+        **gamma_metrics(gamma.detach(), mask, opts.gamma_min),
+        **gamma_tail_metrics(gamma, mask),
+        "router/non_shifted_ratio": non_shifted_ratio(old.trace.topk_idx, cur.topk_idx, mask),
+    }
+    if num_experts is not None:
         idx = cur.topk_idx.long()[sel]  # (n, L, K) current experts
-        loads = torch.stack([torch.bincount(idx[:, layer].reshape(-1), minlength=e)
-                             for layer in range(idx.shape[1])]).float()  # (L, E)  # fmt: skip
+        loads = torch.stack(
+            [torch.bincount(idx[:, layer].reshape(-1), minlength=num_experts) for layer in range(idx.shape[1])]
+        ).float()  # (L, E)
         share = loads / loads.sum(1, keepdim=True).clamp(min=1)
-        out: dict[str, Any] = {
-            **gamma_metrics(gamma.detach(), mask, self.opts.gamma_min),
-            **gamma_tail_metrics(gamma, mask),
-            "router/non_shifted_ratio": non_shifted_ratio(old.trace.topk_idx, cur.topk_idx, mask),
-            "router/load_max_ratio": float((share.max(1).values * e).mean()),
-            "router/gamma_hist": gamma_histogram(gamma, mask),
-        }
-        with torch.no_grad():
-            same = (old.trace.topk_idx.sort(-1).values == cur.topk_idx.sort(-1).values).all(-1)[sel]  # (n, L)
-            eps = math.log(1e-8)
-            d = (cur.logp.detach().clamp(min=eps) - old.trace.logp.clamp(min=eps)).abs().mean(-1)[sel]  # (n, L)
-            if same.numel():
-                for layer in range(same.shape[1]):
-                    out[f"router/keep_layer{layer}"] = float(same[:, layer].double().mean())
-                    out[f"router/shift_layer{layer}"] = float(d[:, layer].double().mean())
-        return out
+        out["router/load_max_ratio"] = float((share.max(1).values * num_experts).mean())
+    if histogram:
+        out["router/gamma_hist"] = gamma_histogram(gamma, mask)
+    with torch.no_grad():
+        same = (old.trace.topk_idx.sort(-1).values == cur.topk_idx.sort(-1).values).all(-1)[sel]  # (n, L)
+        eps = math.log(1e-8)
+        d = (cur.logp.detach().clamp(min=eps) - old.trace.logp.clamp(min=eps)).abs().mean(-1)[sel]  # (n, L)
+        if same.numel():
+            for layer in range(same.shape[1]):
+                out[f"router/keep_layer{layer}"] = float(same[:, layer].double().mean())
+                out[f"router/shift_layer{layer}"] = float(d[:, layer].double().mean())
+    return out

@@ -1,14 +1,15 @@
 """Verifiable tasks behind one interface and registry (``task.name`` + ``task.options`` in configs)."""
 
-from rspo.tasks import code as code  # the task modules register "countdown", "math", "arithmetic", "code"
+from rspo.prompts import Message, Prompt
+from rspo.tasks import arithmetic as arithmetic  # the task modules register their tasks
+from rspo.tasks import code as code
 from rspo.tasks import countdown as countdown
 from rspo.tasks import math as math
 from rspo.tasks.base import (
     FileTask,
-    Message,
     NoOptions,
-    Prompt,
     Task,
+    TaskConfig,
     Verdict,
     import_object,
     list_tasks,
@@ -24,6 +25,7 @@ __all__ = [
     "NoOptions",
     "Prompt",
     "Task",
+    "TaskConfig",
     "Verdict",
     "import_object",
     "list_tasks",

@@ -16,13 +16,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rspo.errors import ConfigError
-
-Message = dict[str, str]
-Prompt = str | list[Message]  # plain text, or chat messages [{"role": ..., "content": ...}]
+from rspo.prompts import Prompt
 
 
 @dataclass(frozen=True)
@@ -76,10 +74,22 @@ class Task:
         raise NotImplementedError
 
     def prompt(self, example: Any) -> Prompt:
+        """The prompt of ``example``: plain text, used as it is, or chat messages
+        ``[{"role": ..., "content": ...}]``, which the policy renders with its tokenizer's chat template
+        (:func:`rspo.prompts.render_prompt`; rendering belongs to the tokenizer, not the task)."""
         raise NotImplementedError
 
     def verdict(self, response: str, example: Any) -> Verdict:
+        """Score one response (the decoded text, special tokens removed): a reward, a reason from
+        :attr:`reasons`, and whether it is correct (what pass@k counts). It runs in a scoring worker
+        process with a time and memory bound; it may raise (counted as ``reward_error``), and it must never
+        execute the response in this process (the code task runs it in a sandbox)."""
         raise NotImplementedError
+
+    def group(self, example: Any) -> str | None:
+        """A label that splits an evaluation's accuracy by kind of example (Countdown: the number count), or
+        None (the default) for no split. Evaluation records carry it as ``group``."""
+        return None
 
     def reference(self, example: Any) -> str | None:
         """A reference response to train on (``rspo pretrain``), or None if the task has none."""
@@ -90,8 +100,10 @@ class Task:
         for ex in self.train_examples(seed):
             ref = self.reference(ex)
             if ref is None:
-                raise ConfigError(f"task {self.name!r} gives no reference response for {self.record(ex)}: "
-                                  "rspo pretrain needs one for every training example")  # fmt: skip
+                raise ConfigError(
+                    f"task {self.name!r} gives no reference response for {self.record(ex)}: "
+                    "rspo pretrain needs one for every training example"
+                )
             yield self.prompt(ex), ref
 
     def record(self, example: Any) -> dict[str, Any]:
@@ -209,3 +221,23 @@ def make_task(name: str, options: dict[str, Any] | Any = None) -> Task:
     cls = task_class(name)
     opts = options if isinstance(options, cls.Options) else task_options(name, options)
     return cls(opts)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "countdown"
+    """Task: countdown | math | arithmetic, or an import path pkg.module:TaskClass (a rspo.tasks.Task)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The task's options, e.g. {train: [data.parquet], eval: {aime24: aime24.jsonl}} for math; an unknown
+    option is an error listing the valid ones (`rspo tasks` lists every task's options)."""
+
+    def __post_init__(self) -> None:
+        self.parsed = task_options(self.name, self.options)  # validated now; the task is built when it is used
+
+    def build(self) -> Task:
+        """The task with these options."""
+        return make_task(self.name, self.parsed)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return int(getattr(self.parsed, "max_new_tokens", 512))

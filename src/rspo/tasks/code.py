@@ -35,7 +35,7 @@ from typing import Any, Literal
 from rspo.errors import ConfigError
 from rspo.sandbox import Limits, RunResult, run_python
 from rspo.tasks.base import FileTask, Prompt, Verdict, register_task
-from rspo.tasks.math import _rows, resolve_path
+from rspo.tasks.files import resolve_path, rows
 
 DEFAULT_INSTRUCTION = (
     "Write a complete Python 3 program (or, where a function is asked for, the function) that solves the "
@@ -93,8 +93,10 @@ def _tests(row: dict, where: str) -> list[Test]:
         raise ConfigError(f"{where}: no tests (inputs/outputs, input_output, test_list, or test + entry_point)")
     inputs, outputs, fn = _io(spec, where)
     if fn:
-        return [{"kind": "call", "fn": fn, "args": a if isinstance(a, list) else [a], "expected": o}
-                for a, o in zip(inputs, outputs, strict=True)]  # fmt: skip
+        return [
+            {"kind": "call", "fn": fn, "args": a if isinstance(a, list) else [a], "expected": o}
+            for a, o in zip(inputs, outputs, strict=True)
+        ]
     return [{"kind": "stdio", "input": str(i), "output": str(o)} for i, o in zip(inputs, outputs, strict=True)]
 
 
@@ -114,13 +116,18 @@ def _example(row: Any, where: str, instruction: str, prompt_format: str) -> Code
     solution = row.get("solution")
     if solution is None and isinstance(row.get("solutions"), list) and row["solutions"]:
         solution = row["solutions"][0]
-    return CodeExample(str(row.get("id", row.get("task_id", where))), prompt, tests, str(row.get("source", "")),
-                       solution if isinstance(solution, str) else None)  # fmt: skip
+    return CodeExample(
+        str(row.get("id", row.get("task_id", where))),
+        prompt,
+        tests,
+        str(row.get("source", "")),
+        solution if isinstance(solution, str) else None,
+    )
 
 
 def load_examples(path: str, instruction: str = DEFAULT_INSTRUCTION, prompt_format: str = "chat") -> list[CodeExample]:
     """Every row of a JSONL / Parquet file as a :class:`CodeExample`; a bad row is an error naming file:line."""
-    out = [_example(row, f"{path}:{i}", instruction, prompt_format) for i, row in _rows(resolve_path(path))]
+    out = [_example(row, f"{path}:{i}", instruction, prompt_format) for i, row in rows(resolve_path(path))]
     if not out:
         raise ConfigError(f"data file {path!r} holds no examples")
     return out
@@ -145,10 +152,16 @@ class SandboxFusion:
         self.url, self.timeout = url.rstrip("/"), request_timeout_s
 
     def run(self, code: str, stdin: str, limits: Limits) -> RunResult:
-        body = {"code": code, "language": "python", "stdin": stdin, "run_timeout": limits.wall_s,
-                "memory_limit_MB": limits.memory_mb}  # fmt: skip
-        req = urllib.request.Request(f"{self.url}/run_code", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        body = {
+            "code": code,
+            "language": "python",
+            "stdin": stdin,
+            "run_timeout": limits.wall_s,
+            "memory_limit_MB": limits.memory_mb,
+        }
+        req = urllib.request.Request(
+            f"{self.url}/run_code", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout + limits.wall_s) as resp:
                 data = json.loads(resp.read())

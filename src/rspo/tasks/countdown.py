@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from rspo.tasks.base import Task, Verdict, register_task
+from rspo.tasks.files import DATA_DIR
 
 MAX_ANSWER_CHARS = 256
 MAX_DEPTH = 16
@@ -153,9 +154,6 @@ def generate_many(spec: CountdownSpec, rng: random.Random, targets_per_draw: int
 def generate(spec: CountdownSpec, rng: random.Random) -> Problem:
     """One seeded problem (see :class:`CountdownSpec`)."""
     return generate_many(spec, rng, 1)[0]
-
-
-DATA_DIR = Path(__file__).parent / "data"
 
 
 def save_problems(path: str | Path, problems: list[Problem]) -> None:
@@ -499,6 +497,10 @@ class CountdownTask(Task):
                 yield make_prompt(p), format_answer("+".join(map(str, p.numbers)))
             else:
                 yield make_prompt(p), self.reference(p)
+
+    def group(self, example: Problem) -> str:
+        """The number count: 3- and 4-number problems differ in difficulty."""
+        return f"{len(example.numbers)} numbers"
 
     def record(self, example: Problem) -> dict:
         return {"numbers": list(example.numbers), "target": example.target}

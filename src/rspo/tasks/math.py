@@ -33,32 +33,17 @@ Grading (the contract; docs/grading.md has it with examples):
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from rspo.errors import ConfigError
-from rspo.tasks.base import FileTask, Prompt, Task, Verdict, import_object, register_task
+from rspo.tasks.base import FileTask, Prompt, Verdict, import_object, register_task
+from rspo.tasks.files import resolve_path, rows
 
-DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-BUILTIN = "builtin:"
-
-
-def resolve_path(path: str) -> Path:
-    """A data path: ``builtin:math/x.jsonl`` is a file shipped with rspo; anything else is a local path."""
-    p = DATA_DIR / path[len(BUILTIN) :] if path.startswith(BUILTIN) else Path(path).expanduser()
-    if not p.is_file():
-        where = " (shipped with rspo)" if path.startswith(BUILTIN) else ""
-        raise ConfigError(f"data file {path!r}{where} does not exist")
-    if p.suffix not in (".jsonl", ".json", ".parquet"):
-        raise ConfigError(f"data file {path!r}: expected .jsonl or .parquet")
-    return p
 
 
 # ----------------------------------------------------------------------------------------
@@ -75,27 +60,6 @@ class MathExample:
     solution: str | None = None
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Any]]:
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ConfigError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
-        try:
-            yield from enumerate(pq.read_table(path).to_pylist(), 1)
-        except Exception as e:  # pyarrow raises its own types for damaged files
-            raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
-        return
-    with path.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{i}: not a JSON line ({e.msg})") from None
-
-
 def _strip_answer(answer: str) -> str:
     """A ground truth as written in data: ``$...$`` and a surrounding ``\\boxed{}`` removed."""
     a = answer.strip()
@@ -105,13 +69,15 @@ def _strip_answer(answer: str) -> str:
     return boxed.strip() if boxed is not None and a.startswith(("\\boxed", "\\fbox")) else a
 
 
-def _example(row: Any, where: str, instruction: str, prompt_format: str) -> MathExample:
+def example_of(row: Any, where: str, instruction: str, prompt_format: str) -> MathExample:
+    """One row of a data file (verl's or the plain format) as a :class:`MathExample`; errors name ``where``."""
     if not isinstance(row, dict):
         raise ConfigError(f"{where}: a row must be a JSON object")
     if "reward_model" in row or isinstance(row.get("prompt"), list):  # verl's format
         msgs, rm = row.get("prompt"), row.get("reward_model")
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= set(m)
-                                                         for m in msgs)):  # fmt: skip
+        if not (
+            isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
+        ):
             raise ConfigError(f"{where}: verl format needs 'prompt' as a list of {{role, content}} messages")
         if not isinstance(rm, dict) or "ground_truth" not in rm:
             raise ConfigError(f"{where}: verl format needs reward_model.ground_truth")
@@ -122,8 +88,13 @@ def _example(row: Any, where: str, instruction: str, prompt_format: str) -> Math
         msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
         prompt: Prompt = msgs if prompt_format == "chat" else "\n".join(m["content"] for m in msgs) + "\n"
         extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
-        return MathExample(str(extra.get("index", where)), prompt, _strip_answer(str(gt)),
-                           str(row.get("data_source", "")), extra.get("solution"))  # fmt: skip
+        return MathExample(
+            str(extra.get("index", where)),
+            prompt,
+            _strip_answer(str(gt)),
+            str(row.get("data_source", "")),
+            extra.get("solution"),
+        )
     problem = row.get("problem", row.get("question"))
     if not isinstance(problem, str) or not problem.strip():
         raise ConfigError(f"{where}: needs 'problem' or 'question' (plain format) or verl's 'prompt'")
@@ -137,14 +108,15 @@ def _example(row: Any, where: str, instruction: str, prompt_format: str) -> Math
         raise ConfigError(f"{where}: needs 'answer' (or a 'solution' with a \\boxed{{}} answer)")
     text = f"{problem.strip()}\n{instruction}".strip() if instruction else problem.strip()
     prompt = [{"role": "user", "content": text}] if prompt_format == "chat" else text + "\n"
-    return MathExample(str(row.get("id", where)), prompt, _strip_answer(str(answer)), str(row.get("source", "")),
-                       solution)  # fmt: skip
+    return MathExample(
+        str(row.get("id", where)), prompt, _strip_answer(str(answer)), str(row.get("source", "")), solution
+    )
 
 
 def load_examples(path: str, instruction: str = DEFAULT_INSTRUCTION, prompt_format: str = "chat") -> list[MathExample]:
     """Every row of a JSONL / Parquet file as a :class:`MathExample`; a bad row is an error naming file:line."""
     p = resolve_path(path)
-    out = [_example(row, f"{path}:{i}", instruction, prompt_format) for i, row in _rows(p)]
+    out = [example_of(row, f"{path}:{i}", instruction, prompt_format) for i, row in rows(p)]
     if not out:
         raise ConfigError(f"data file {path!r} holds no examples")
     return out
@@ -301,8 +273,10 @@ class MathGrader:
             try:
                 import math_verify
             except ImportError:
-                raise ConfigError("task.options.grader=math_verify needs the math-verify package "
-                                  "(pip install math-verify), or use grader=string") from None  # fmt: skip
+                raise ConfigError(
+                    "task.options.grader=math_verify needs the math-verify package "
+                    "(pip install math-verify), or use grader=string"
+                ) from None
             logging.getLogger("math_verify").setLevel(logging.ERROR)  # it logs every timeout
             self._mv = math_verify
             self.correct("1", "1")  # warm the parser up once (forked scoring workers inherit it)
@@ -411,8 +385,7 @@ class MathTask(FileTask):
         self._fn: Callable | None = import_object(o.reward_fn, "task.options.reward_fn") if o.reward_fn else None
         if self._fn is not None and not callable(self._fn):
             raise ConfigError(f"task.options.reward_fn={o.reward_fn!r} is not callable")
-        self.grader = MathGrader(o.grader == "math_verify" and self._fn is None, o.verify_timeout_s,
-                                 o.max_answer_chars)  # fmt: skip
+        self.grader = MathGrader(o.grader == "math_verify" and self._fn is None, o.verify_timeout_s, o.max_answer_chars)
 
     def load(self, path: str) -> list[MathExample]:
         return load_examples(path, self.options.instruction, self.options.prompt_format)
@@ -438,102 +411,7 @@ class MathTask(FileTask):
 
 
 # ----------------------------------------------------------------------------------------
-# Synthetic arithmetic (the tiny example's training data)
-# ----------------------------------------------------------------------------------------
-def arithmetic_problem(rng: random.Random) -> dict[str, str]:
-    """One synthetic problem with a worked solution ending in ``\\boxed{answer}`` (plain format)."""
-    kind = rng.choice(("add", "sub", "mul", "add3"))
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
-    if kind == "add":
-        q, work, ans = f"{a} + {b}", f"{a} + {b} = {a + b}.", a + b
-    elif kind == "sub":
-        a, b = max(a, b), min(a, b)
-        q, work, ans = f"{a} - {b}", f"{a} - {b} = {a - b}.", a - b
-    elif kind == "mul":
-        a = rng.randint(2, 9)
-        q, work, ans = f"{a} \\times {b}", f"{a} \\times {b} = {a * b}.", a * b
-    else:
-        c = rng.randint(2, 99)
-        q, work, ans = f"{a} + {b} + {c}", f"{a} + {b} = {a + b}, and {a + b} + {c} = {a + b + c}.", a + b + c
-    return {"problem": f"What is ${q}$?", "solution": f"{work} The answer is $\\boxed{{{ans}}}$.", "answer": str(ans)}
-
-
-@dataclass
-class ArithmeticOptions:
-    instruction: str = DEFAULT_INSTRUCTION
-    """Appended to every problem."""
-    prompt_format: Literal["chat", "text"] = "chat"
-    """Prompts as chat messages or plain text."""
-    max_new_tokens: int = 64
-    """Response length limit (a worked solution is about 40 tokens of the tiny BPE tokenizer)."""
-    n_test: int = 200
-    """Size of the fixed test split (seeded; the train stream never repeats one of its problems)."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.n_test < 1:
-            raise ValueError("task.options.max_new_tokens and n_test must be >= 1")
-
-
-@register_task
-class ArithmeticTask(Task):
-    """Synthetic arithmetic with boxed answers (an endless seeded stream and a fixed test split), graded
-    like the math task: the tiny example's pretraining data and the source of its shipped data files."""
-
-    name = "arithmetic"
-    reasons = MathTask.reasons
-    Options = ArithmeticOptions
-
-    def __init__(self, options: ArithmeticOptions | None = None) -> None:
-        super().__init__(options)
-        self.grader = MathGrader(use_math_verify=False)  # integer answers: the string comparison is exact
-        rng = random.Random("arithmetic/test")
-        rows, seen = [], set()
-        while len(rows) < self.options.n_test:
-            row = arithmetic_problem(rng)
-            if row["problem"] not in seen:
-                seen.add(row["problem"])
-                rows.append(row)
-        self._test_rows, self._held_out = rows, seen
-
-    def _make(self, row: dict, where: str) -> MathExample:
-        return _example({**row, "id": where}, where, self.options.instruction, self.options.prompt_format)
-
-    def train_examples(self, seed: int) -> Iterator[MathExample]:
-        rng = random.Random(f"arithmetic/train/{seed}")
-        i = 0
-        while True:
-            row = arithmetic_problem(rng)
-            if row["problem"] not in self._held_out:
-                i += 1
-                yield self._make(row, f"train-{seed}-{i}")
-
-    def eval_splits(self) -> list[str]:
-        return ["test"]
-
-    def eval_examples(self, split: str) -> list[MathExample]:
-        if split != "test":
-            raise self.unknown_split(split)
-        return [self._make(r, f"test-{i}") for i, r in enumerate(self._test_rows)]
-
-    def prompt(self, example: MathExample) -> Prompt:
-        return example.prompt
-
-    def reference(self, example: MathExample) -> str | None:
-        return example.solution
-
-    def verdict(self, response: str, example: MathExample) -> Verdict:
-        answer = last_boxed(response)
-        if answer is None:
-            return Verdict(0.0, "no_answer", False)
-        ok = self.grader.correct(answer, example.answer)
-        return Verdict(float(ok), "correct" if ok else "wrong_answer", ok)
-
-    def record(self, example: MathExample) -> dict:
-        return {"id": example.id, "answer": example.answer}
-
-
-# ----------------------------------------------------------------------------------------
-# The shipped data files (regenerated identically by this function; a test checks it)
+# verl's format
 # ----------------------------------------------------------------------------------------
 def to_verl_row(row: dict, instruction: str = DEFAULT_INSTRUCTION, data_source: str = "rspo/sample") -> dict:
     """A plain-format row in verl's format (the instruction folded into the user message, as verl's
@@ -548,26 +426,3 @@ def to_verl_row(row: dict, instruction: str = DEFAULT_INSTRUCTION, data_source: 
         "reward_model": {"style": "rule", "ground_truth": answer},
         "extra_info": {"index": row["id"], **({"solution": row["solution"]} if "solution" in row else {})},
     }
-
-
-def builtin_files() -> dict[str, list[dict]]:
-    """The derived files of ``data/math/``: the sample set in verl's format and the arithmetic splits."""
-    sample = [json.loads(x) for x in (DATA_DIR / "math" / "sample-plain.jsonl").read_text().splitlines()]
-    test_task = ArithmeticTask()
-    train, rng, seen = [], random.Random("arithmetic/file/train"), set(test_task._held_out)
-    while len(train) < 2000:
-        row = arithmetic_problem(rng)
-        if row["problem"] not in seen:
-            seen.add(row["problem"])
-            train.append({"id": f"arith-train-{len(train)}", **row})
-    test = [{"id": f"arith-test-{i}", **r} for i, r in enumerate(test_task._test_rows)]
-    return {
-        "sample-verl.jsonl": [to_verl_row(r) for r in sample],
-        "arith-train.jsonl": train,
-        "arith-test.jsonl": [to_verl_row(r, data_source="rspo/arithmetic") for r in test],
-    }
-
-
-def write_builtin_files() -> None:
-    for name, rows in builtin_files().items():
-        (DATA_DIR / "math" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

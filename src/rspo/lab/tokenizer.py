@@ -42,7 +42,7 @@ def shipped_text() -> list[str]:
     """Text shipped with rspo to train a tokenizer on: the math sample set and the arithmetic files."""
     import json
 
-    from rspo.tasks.math import DATA_DIR
+    from rspo.tasks.files import DATA_DIR
 
     out = []
     for f in sorted((DATA_DIR / "math").glob("*.jsonl")):
@@ -64,11 +64,21 @@ def build_bpe_tokenizer(texts: list[str] | None = None, vocab_size: int = 512) -
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BPE_SPECIAL),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(texts if texts is not None else shipped_text(), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token=None, unk_token=None, padding_side="left")  # fmt: skip
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        padding_side="left",
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     tok.chat_template = CHATML_TEMPLATE
     return tok

@@ -10,33 +10,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from rspo.rundir import read_metrics
+from rspo.lab.metrics import GAMMA_OFF, KEEP_ALL_OFF, run_metrics, series
 
 PANELS = [
     ("reward/mean", "reward (mean)"),
     ("val/accuracy", "validation accuracy (greedy)"),
     ("clip_ratio/region_mean", "clip fraction (active clip)"),
     ("ratio/std", "importance ratio std"),
-    ("offpolicy/router_gamma_mean", "router-shift gamma (mean, off-policy updates)"),
-    ("offpolicy/router_non_shifted_ratio", "tokens keeping all experts (off-policy)"),
+    (GAMMA_OFF, "router-shift gamma (mean, off-policy updates)"),
+    (KEEP_ALL_OFF, "tokens keeping all experts (off-policy)"),
     ("entropy/mean", "token entropy"),
     ("grad/norm", "gradient norm"),
 ]
 
 
-def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
     """One figure with a panel per metric, one line per run; written as PNG to ``out``."""
-    runs = [read_metrics(d) for d in run_dirs]
+    runs = [run_metrics(d) for d in run_dirs]
     labels = list(labels) if labels else [Path(d).name for d in run_dirs]
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
         for rows, label in zip(runs, labels, strict=True):
-            x, y = series(rows, key)
+            points = series(rows, key)
+            x, y = list(points), list(points.values())
             if x:
                 ax.plot(x, y, label=label, marker="o" if key.startswith("val/") else None, ms=3, lw=1.2)
         ax.set_title(title, fontsize=10)

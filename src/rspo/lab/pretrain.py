@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from rspo.config import to_dict
 from rspo.errors import ConfigError
 from rspo.evaluate import evaluate
-from rspo.models import PRESETS, build_model, count_parameters
-from rspo.policy import policy_of, render_prompt
+from rspo.lab.presets import PRESETS, build_model, count_parameters
+from rspo.lab.tokenizer import build_bpe_tokenizer, build_char_tokenizer
+from rspo.policy import policy_of
+from rspo.prompts import render_prompt
 from rspo.rundir import RunDir, crash_point
 from rspo.scoring import Scorer
-from rspo.tasks import Prompt, Task, make_task
-from rspo.tokenizer import build_bpe_tokenizer, build_char_tokenizer
-from rspo.train_config import TaskConfig
+from rspo.tasks import Prompt, Task, TaskConfig, make_task
 
 
 @dataclass
@@ -149,7 +149,7 @@ class ReferenceStream:
 
 def collate(tokenizer, pairs: list[tuple[Prompt, str]]) -> dict[str, torch.Tensor]:
     """Right-padded input_ids/attention_mask and labels (-100 outside response + eos). Prompts are rendered
-    and tokenized exactly as the policy does for RL (:func:`rspo.policy.render_prompt`)."""
+    and tokenized exactly as the policy does for RL (:func:`rspo.prompts.render_prompt`)."""
     seqs, labels = [], []
     for prompt, response in pairs:
         p = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=isinstance(prompt, str))["input_ids"]
@@ -184,8 +184,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False
     run = RunDir.create(cfg.out_dir, "pretrain", overwrite=overwrite)
     torch.set_num_threads(cfg.threads)
     tok = build_char_tokenizer() if cfg.tokenizer == "char" else build_bpe_tokenizer(vocab_size=cfg.bpe_vocab_size)
-    model = build_model(cfg.preset, len(tok), seed=cfg.seed, pad_token_id=tok.pad_token_id,
-                        eos_token_id=tok.eos_token_id)  # fmt: skip
+    model = build_model(
+        cfg.preset, len(tok), seed=cfg.seed, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
     total, active = count_parameters(model)
     aux = cfg.router_aux_loss_coef > 0
     if aux:
@@ -230,30 +231,35 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, overwrite: bool = False
         stream.close()
     train_s = time.time() - t0
     result: dict[str, Any] = {
-        "config": to_dict(cfg), "command": " ".join(sys.argv), "params_total": total, "params_active": active,
-        "train_seconds": round(train_s, 1), "tokens": tokens, "final_loss": history[-1]["loss"],
-    }  # fmt: skip
+        "config": to_dict(cfg),
+        "command": " ".join(sys.argv),
+        "params_total": total,
+        "params_active": active,
+        "train_seconds": round(train_s, 1),
+        "tokens": tokens,
+        "final_loss": history[-1]["loss"],
+    }
     if cfg.final_eval:
         test = task.eval_examples(splits[-1])
         greedy = evaluate(policy, task, test, greedy=True, progress=progress, scorer=scorer)
-        sampled = evaluate(policy, task, test, greedy=False, temperature=1.0, seed=cfg.seed, progress=progress,
-                           scorer=scorer)  # fmt: skip
+        sampled = evaluate(
+            policy, task, test, greedy=False, temperature=1.0, seed=cfg.seed, progress=progress, scorer=scorer
+        )
         result.update(test_split=splits[-1], test_greedy_acc=greedy.accuracy, test_sampled_acc=sampled.accuracy)
-        if all("numbers" in r for r in greedy.records):  # Countdown: accuracy by number count
-            result.update(
-                test_greedy_by_count=_by_count(greedy.records), test_sampled_by_count=_by_count(sampled.records)
-            )
+        if any("group" in r for r in greedy.records):  # the task's own split (Countdown: by number count)
+            result["test_greedy_by_group"] = by_group(greedy.records)
+            result["test_sampled_by_group"] = by_group(sampled.records)
     scorer.close()
     save_policy(run, model, tok, {**result, "history": history}, cfg)
     return result
 
 
-def _by_count(records: list[dict]) -> dict[str, float]:
-    out = {}
-    for n in sorted({len(r["numbers"]) for r in records}):
-        sub = [r for r in records if len(r["numbers"]) == n]
-        out[str(n)] = sum(r["correct"] for r in sub) / len(sub)
-    return out
+def by_group(records: list[dict]) -> dict[str, float]:
+    """Accuracy per the task's group label (:meth:`rspo.tasks.Task.group`) of evaluation records."""
+    groups: dict[str, list[bool]] = {}
+    for r in records:
+        groups.setdefault(str(r.get("group")), []).append(r["correct"])
+    return {g: sum(v) / len(v) for g, v in sorted(groups.items())}
 
 
 def save_policy(run: RunDir, model, tokenizer, info: dict[str, Any], cfg: PretrainConfig) -> Path:
@@ -282,15 +288,16 @@ def ship(run_dir: str | Path, name: str, progress: bool = True) -> Path:
     with float16 weights (half the size; loaded as float32), and record the copy's own test accuracy
     (``pretrain.json`` key ``shipped``), so the shipped numbers are measured, not assumed.
 
-        python -c "from rspo.pretrain import ship; ship('runs/math-tiny-base', 'math-tiny-base')"
+        python -c "from rspo.lab.pretrain import ship; ship('runs/math-tiny-base', 'math-tiny-base')"
     """
-    from rspo.policy import ASSETS, load_policy
+    from rspo.assets import DIR
+    from rspo.policy import load_policy
 
     src = Path(run_dir)
     info = json.loads((src / "pretrain.json").read_text())
     cfg = info["config"]
     pol = load_policy(src)
-    dest = ASSETS / name
+    dest = DIR / name  # then name it in rspo.assets.POLICIES, which builtin:NAME resolves through
     dest.mkdir(parents=True, exist_ok=True)
     pol.model.half().save_pretrained(dest)
     pol.tokenizer.save_pretrained(dest)
@@ -301,7 +308,10 @@ def ship(run_dir: str | Path, name: str, progress: bool = True) -> Path:
     test = task.eval_examples(task.eval_splits()[-1])
     greedy = evaluate(shipped, task, test, greedy=True, progress=progress).accuracy
     sampled = evaluate(shipped, task, test, greedy=False, temperature=1.0, seed=cfg["seed"], progress=progress).accuracy
-    info["shipped"] = {"weights": "float16 safetensors (loaded as float32)", "test_greedy_acc": greedy,
-                       "test_sampled_acc": sampled}  # fmt: skip
+    info["shipped"] = {
+        "weights": "float16 safetensors (loaded as float32)",
+        "test_greedy_acc": greedy,
+        "test_sampled_acc": sampled,
+    }
     (dest / "pretrain.json").write_text(json.dumps(info, indent=1))
     return dest

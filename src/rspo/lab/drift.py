@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from rspo.config import load_config
-from rspo.routing.shift import GAMMA_EDGES, histogram_quantile, histogram_share_below
-from rspo.rundir import RunDir, read_metrics
-from rspo.study import Job, run_jobs, train_job
+from rspo.lab.jobs import Job, run_jobs, train_job
+from rspo.lab.metrics import drift_summary, run_metrics
+from rspo.routing import GAMMA_EDGES, histogram_share_below
+from rspo.rundir import RunDir, steps_logged
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _pretrain_steps_done(d: Path) -> int:
 
 def run_drift(cfg: DriftConfig, progress: bool = True) -> dict[str, str]:
     """Both stages (validated first, then run); returns {directory: status}."""
-    from rspo.pretrain import PretrainConfig
+    from rspo.lab.pretrain import PretrainConfig
 
     pre_jobs, status, pre_total = [], {}, 0
     for name in cfg.models:
@@ -105,8 +106,11 @@ def run_drift(cfg: DriftConfig, progress: bool = True) -> dict[str, str]:
     for name in cfg.models:
         for regime, over in cfg.regimes.items():
             run = run_dir(cfg, name, regime)
-            job, steps = train_job(run, cfg.base_config, [*cfg.common, *over, f"model={model_dir(cfg, name)}",
-                                                          f"out_dir={run}", "threads=1"])  # fmt: skip
+            job, steps = train_job(
+                run,
+                cfg.base_config,
+                [*cfg.common, *over, f"model={model_dir(cfg, name)}", f"out_dir={run}", "threads=1"],
+            )
             rl_total += steps
             if job is None:
                 status[str(run)] = "done (skipped)"
@@ -117,12 +121,11 @@ def run_drift(cfg: DriftConfig, progress: bool = True) -> dict[str, str]:
     for entry in ("models", "runs"):
         atlas.claim(entry)
     pre_done = sum(_pretrain_steps_done(model_dir(cfg, n)) for n in cfg.models)
-    status |= run_jobs(pre_jobs, cfg.parallel, f"drift: pretraining {len(pre_jobs)} models", pre_done, pre_total,
-                       progress)  # fmt: skip
+    status |= run_jobs(
+        pre_jobs, cfg.parallel, f"drift: pretraining {len(pre_jobs)} models", pre_done, pre_total, progress
+    )
     if any(v.startswith("failed") for v in status.values()):
         return status
-    from rspo.rundir import steps_logged
-
     rl_done = sum(steps_logged(run_dir(cfg, m, r)) for m in cfg.models for r in cfg.regimes)
     status |= run_jobs(rl_jobs, cfg.parallel, f"drift: {len(rl_jobs)} RL runs", rl_done, rl_total, progress)
     return status
@@ -134,16 +137,19 @@ def run_drift(cfg: DriftConfig, progress: bool = True) -> dict[str, str]:
 @torch.no_grad()
 def router_entropy(model_path: str | Path, problems: int = 100) -> dict[str, Any]:
     """Mean entropy (nats) of the full router softmax over the response tokens of greedy responses to the
-    first ``problems`` validation problems, per MoE layer and overall, and divided by log E; with the
-    model's shape (experts, top-k, MoE layers, expert width) and its greedy accuracy on those problems."""
+    first ``problems`` validation problems of the task the model was pretrained on, per MoE layer and overall,
+    and divided by log E; with the model's shape (experts, top-k, MoE layers, expert width) and its greedy
+    accuracy on those problems."""
     from rspo.evaluate import evaluate
-    from rspo.policy import HFSampler, load_policy
+    from rspo.policy import load_policy
     from rspo.routing import MoERouters
+    from rspo.sampler import HFSampler
     from rspo.tasks import make_task
 
     pol = load_policy(model_path)
-    task = make_task("countdown")
-    examples = task.eval_examples("validation")[:problems]
+    pretrained_on = json.loads((Path(model_path) / "pretrain.json").read_text())["config"]["task"]
+    task = make_task(pretrained_on["name"], pretrained_on["options"])  # the model's own task
+    examples = task.eval_examples(task.eval_splits()[0])[:problems]  # its validation split
     gen = HFSampler(pol).sample([task.prompt(x) for x in examples], max_new_tokens=task.max_new_tokens, greedy=True)
     out = pol.model(input_ids=gen.sequences, attention_mask=gen.attention_mask, output_router_logits=True)
     routers = MoERouters(pol.model)
@@ -158,50 +164,41 @@ def router_entropy(model_path: str | Path, problems: int = 100) -> dict[str, Any
     acc = evaluate(pol, task, examples, greedy=True).accuracy
     c = pol.model.config
     width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
-    return {"entropy": statistics.mean(per_layer), "entropy_per_layer": per_layer,
-            "entropy_norm": statistics.mean(per_layer) / math.log(e), "val_greedy": acc,
-            "experts": e, "top_k": routers.model_top_k, "layers": routers.num_layers, "width": width}  # fmt: skip
-
-
-def summarize_run(rows: list[dict]) -> dict[str, Any]:
-    """A run's drift over its off-policy updates: pooled gamma histogram, its tail, keep rates, per layer."""
-    hist = [0] * len(GAMMA_EDGES)
-    for r in rows:
-        for i, c in enumerate(r.get("offpolicy/gamma_hist", [])):
-            hist[i] += c
-
-    def avg(key: str) -> float:
-        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-        return statistics.mean(vals) if vals else float("nan")
-
-    layers = sorted({k for r in rows for k in r if k.startswith("offpolicy/router_keep_layer")},
-                    key=lambda k: int(k.rsplit("layer", 1)[1]))  # fmt: skip
     return {
-        "tokens": sum(hist), "hist": hist, "gamma_mean": avg("offpolicy/router_gamma_mean"),
-        "p1": histogram_quantile(hist, 0.01), "p10": histogram_quantile(hist, 0.10),
-        "p50": histogram_quantile(hist, 0.50),
-        "below_0.99": histogram_share_below(hist, 0.99), "below_0.95": histogram_share_below(hist, 0.95),
-        "below_0.9": histogram_share_below(hist, 0.9), "keep_all": avg("offpolicy/router_non_shifted_ratio"),
-        "keep_layer": [avg(k) for k in layers], "shift_layer": [avg(k.replace("keep", "shift")) for k in layers],
-        "ratio_std": avg("offpolicy/ratio_std"), "steps": rows[-1]["step"] if rows else 0,
-    }  # fmt: skip
+        "entropy": statistics.mean(per_layer),
+        "entropy_per_layer": per_layer,
+        "entropy_norm": statistics.mean(per_layer) / math.log(e),
+        "val_greedy": acc,
+        "experts": e,
+        "top_k": routers.model_top_k,
+        "layers": routers.num_layers,
+        "width": width,
+    }
 
 
 def _model_info(d: Path) -> dict[str, Any]:
     info = json.loads((d / "pretrain.json").read_text())
-    return {"aux": info["config"].get("router_aux_loss_coef", 0.0), "final_loss": info["final_loss"],
-            "test_greedy": info.get("test_greedy_acc"), "params": info["params_total"],
-            "active": info["params_active"]}  # fmt: skip
+    return {
+        "aux": info["config"].get("router_aux_loss_coef", 0.0),
+        "final_loss": info["final_loss"],
+        "test_greedy": info.get("test_greedy_acc"),
+        "params": info["params_total"],
+        "active": info["params_active"],
+    }
 
 
-def write_drift_report(atlas_dir: str | Path, out: str | Path | None = None, overwrite: bool = False,
-                       command: str | None = None) -> Path:  # fmt: skip
-    """report.md, results.json and figures of an atlas into ``out`` (default: the atlas directory)."""
-    import matplotlib
+@dataclass
+class Atlas:
+    """What a drift report shows: the atlas config, each base model's shape and router entropy, and each
+    (model, regime) run's drift summary."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    cfg: DriftConfig
+    models: dict[str, dict[str, Any]]
+    runs: dict[tuple[str, str], dict[str, Any]]
 
+
+def collect(atlas_dir: str | Path) -> Atlas:
+    """Every model's info (router entropy measured once per model and cached beside it) and every run's drift."""
     atlas_dir = Path(atlas_dir)
     if not (atlas_dir / "drift.yaml").is_file():
         raise FileNotFoundError(f"{atlas_dir} has no drift.yaml: not a drift-atlas directory")
@@ -214,20 +211,27 @@ def write_drift_report(atlas_dir: str | Path, out: str | Path | None = None, ove
             continue
         cache = atlas_dir / "models" / f"{name}.entropy.json"  # measured once per model
         if not cache.is_file():
-            cache.write_text(json.dumps(router_entropy(d, cfg.entropy_problems)))
+            entropy = json.dumps(router_entropy(d, cfg.entropy_problems))
+            RunDir.existing(atlas_dir, "drift").write_under("models", cache.name, entropy)
         models[name] = {**_model_info(d), **json.loads(cache.read_text())}
         for regime in cfg.regimes:
-            rows = read_metrics(run_dir(cfg, name, regime), missing_ok=True)
+            rows = run_metrics(run_dir(cfg, name, regime), missing_ok=True)
             if rows:
-                runs[(name, regime)] = summarize_run(rows)
-    if out is None:
-        dest = RunDir.existing(atlas_dir, "drift")
-    else:
-        dest = RunDir.create(out, "drift-report", overwrite=overwrite)
-    files = ("report.md", "results.json", "gamma_cdf.png", "tail.png", "per_layer.png", "entropy.png")
-    for f in files:
-        dest.claim(f)
-    o = dest.path
+                runs[(name, regime)] = drift_summary(rows)
+    return Atlas(cfg, models, runs)
+
+
+DRIFT_FIGURES = ("gamma_cdf.png", "tail.png", "per_layer.png", "entropy.png")
+
+
+def figures(atlas: Atlas, o: Path) -> None:
+    """gamma_cdf.png, tail.png, per_layer.png and entropy.png into ``o``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, models, runs = atlas.cfg, atlas.models, atlas.runs
     regimes = list(cfg.regimes)
     colors = plt.get_cmap("tab10").colors
     # gamma CDFs, one panel per regime
@@ -256,10 +260,12 @@ def write_drift_report(atlas_dir: str | Path, out: str | Path | None = None, ove
         xs = [i + j * width for i in range(len(models))]
         axes[0].bar(xs, [runs.get((m, regime), {}).get("below_0.95", 0) for m in models], width, label=regime)
         axes[1].bar(xs, [runs.get((m, regime), {}).get("keep_all", 0) for m in models], width, label=regime)
-    for ax, title in zip(axes, ("share of off-policy tokens with gamma < 0.95", "share keeping all their experts"),
-                         strict=True):  # fmt: skip
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], list(models), rotation=30, ha="right",
-                      fontsize=8)  # fmt: skip
+    for ax, title in zip(
+        axes, ("share of off-policy tokens with gamma < 0.95", "share keeping all their experts"), strict=True
+    ):
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(models))], list(models), rotation=30, ha="right", fontsize=8
+        )
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     axes[1].axhline(0.8, color="grey", ls=":", lw=1)
@@ -301,14 +307,18 @@ def write_drift_report(atlas_dir: str | Path, out: str | Path | None = None, ove
     fig.savefig(o / "entropy.png", dpi=100)
     plt.close(fig)
 
+
+def markdown(atlas: Atlas, generated_by: str) -> str:
+    """report.md: settings, the models table and the drift table, and the figures' links."""
+    cfg, models, runs = atlas.cfg, atlas.models, atlas.runs
+
     def pct(x: float) -> str:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
 
     lines = [
         "# Drift atlas",
         "",
-        f"Generated by `rspo drift-report {atlas_dir}{'' if out is None else f' --out {out}'}` from the runs of "
-        f"`{command or 'rspo drift <config>'}`.",
+        generated_by,
         f"Pretraining (every model, the same budget): `{' '.join(cfg.pretrain) or '-'}`. RL: base config "
         f"`{cfg.base_config}`, common overrides `{' '.join(cfg.common) or '-'}`.",
         "",
@@ -331,9 +341,14 @@ def write_drift_report(atlas_dir: str | Path, out: str | Path | None = None, ove
             f"| {m['aux']:g} | {m['params']:,} ({m['active']:,}) | {m['final_loss']:.3f} | {pct(m['test_greedy'])} | "
             f"{m['entropy']:.2f} ({m['entropy_norm']:.2f}) |"
         )
-    lines += ["", "## Drift on off-policy updates", "",
-              "| model | regime | overrides | gamma mean | p1 | p10 | median | < 0.99 | < 0.95 | < 0.9 | keep all | "
-              "keep per layer (min..max) | ratio std |", "|" + "---|" * 13]  # fmt: skip
+    lines += [
+        "",
+        "## Drift on off-policy updates",
+        "",
+        "| model | regime | overrides | gamma mean | p1 | p10 | median | < 0.99 | < 0.95 | < 0.9 | keep all | "
+        "keep per layer (min..max) | ratio std |",
+        "|" + "---|" * 13,
+    ]
     for (name, regime), r in runs.items():
         kl = r["keep_layer"]
         lines.append(
@@ -342,9 +357,37 @@ def write_drift_report(atlas_dir: str | Path, out: str | Path | None = None, ove
             f"{pct(r['below_0.9'])} | **{pct(r['keep_all'])}** | "
             f"{(pct(min(kl)) + '..' + pct(max(kl))) if kl else 'n/a'} | {r['ratio_std']:.4f} |"
         )
-    lines += ["", "![gamma CDFs](gamma_cdf.png)", "", "![tail and keep-all](tail.png)", "",
-              "![per layer](per_layer.png)", "", "![entropy](entropy.png)", ""]  # fmt: skip
-    (o / "report.md").write_text("\n".join(lines))
-    results = {"models": models, "runs": {f"{m}/{r}": v for (m, r), v in runs.items()}}
-    (o / "results.json").write_text(json.dumps(results, indent=1))
-    return o / "report.md"
+    lines += [
+        "",
+        "![gamma CDFs](gamma_cdf.png)",
+        "",
+        "![tail and keep-all](tail.png)",
+        "",
+        "![per layer](per_layer.png)",
+        "",
+        "![entropy](entropy.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_drift_report(
+    atlas_dir: str | Path, out: str | Path | None = None, overwrite: bool = False, command: str | None = None
+) -> Path:
+    """report.md, results.json and figures of an atlas into ``out`` (default: the atlas directory)."""
+    atlas = collect(atlas_dir)
+    if out is None:
+        dest = RunDir.existing(atlas_dir, "drift")
+    else:
+        dest = RunDir.create(out, "drift-report", overwrite=overwrite)
+    for f in ("report.md", "results.json", *DRIFT_FIGURES):
+        dest.claim(f)
+    figures(atlas, dest.path)
+    generated_by = (
+        f"Generated by `rspo drift-report {atlas_dir}{'' if out is None else f' --out {out}'}` from the "
+        f"runs of `{command or 'rspo drift <config>'}`."
+    )
+    report = dest.write_text("report.md", markdown(atlas, generated_by))
+    results = {"models": atlas.models, "runs": {f"{m}/{r}": v for (m, r), v in atlas.runs.items()}}
+    dest.write_text("results.json", json.dumps(results, indent=1))
+    return report

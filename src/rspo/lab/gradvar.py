@@ -19,6 +19,7 @@ paired ratio RSPO / GMPO per seed (the two differ only by gamma).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -28,9 +29,10 @@ from typing import Any
 
 import torch
 
-from rspo.config import build, load_config
-from rspo.objectives import compute_policy_loss
-from rspo.policy import response_log_probs
+from rspo.config import load_config
+from rspo.lab.stats import mean_std
+from rspo.objectives import get_objective
+from rspo.options import LOSS_ONLY, ObjectiveOptions, Options, RouterShiftOptions
 from rspo.train_config import TrainConfig
 
 
@@ -58,10 +60,6 @@ class GradVarConfig:
             raise ValueError("gradvar: draws >= 2, warm_updates >= 0, non-empty seeds and objectives required")
 
 
-def _flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]).double()
-
-
 def measure(cfg: GradVarConfig, progress: bool = True) -> dict[str, Any]:
     """Run the protocol of the module docstring; returns per-seed and aggregated results."""
     from tqdm.auto import tqdm
@@ -73,43 +71,44 @@ def measure(cfg: GradVarConfig, progress: bool = True) -> dict[str, Any]:
     per_seed: dict[str, list[dict[str, float]]] = {o: [] for o in cfg.objectives}
     bar = tqdm(total=len(cfg.seeds) * cfg.draws * len(cfg.objectives), desc="gradvar", disable=not progress)
     for seed in cfg.seeds:
-        tcfg = load_config(TrainConfig, cfg.train_config, [*cfg.overrides, f"seed={seed}", "eval_every=0",
-                                                           f"out_dir={run.claim(f'seed{seed}')}"])  # fmt: skip
+        tcfg = load_config(
+            TrainConfig,
+            cfg.train_config,
+            [*cfg.overrides, f"seed={seed}", "eval_every=0", f"out_dir={run.claim(f'seed{seed}')}"],
+        )
         tr = Trainer(tcfg, progress=False, overwrite=True)
         try:
             b = tr.rollout()
             tr.score_and_advantages(b)
             tr.old_pass(b)
-            params = [p for p in tr.model.parameters() if p.requires_grad]
             mb_size, n = tcfg.mini_batch_size, len(b.texts)
-            warm = _with_objective(tcfg, cfg.warm_objective)
+            warm = _options(tcfg, cfg.warm_objective)
             for i in range(cfg.warm_updates):  # theta_0 -> theta_1 on the first mini-batches of the batch order
-                rows = b.order[i * mb_size : (i + 1) * mb_size]
-                loss, _ = _loss(tr, b, rows, warm)
-                tr.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                tr.routing.end()
-                torch.nn.utils.clip_grad_norm_(params, tcfg.optim.grad_clip or math.inf)
-                tr.opt.step()
+                loss, _ = tr.policy_loss(b, b.order[i * mb_size : (i + 1) * mb_size], warm)
+                tr.backward(loss)
+                tr.optimizer_step()
             g = torch.Generator().manual_seed(10_000 + seed)
             draws = [torch.randperm(n, generator=g)[:mb_size].to(tr.device) for _ in range(cfg.draws)]
             for name in cfg.objectives:
-                ocfg = _with_objective(tcfg, name)
+                opts = _options(tcfg, name)
                 total = sq = None
                 for rows in draws:
-                    loss, _ = _loss(tr, b, rows, ocfg)
-                    tr.opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    tr.routing.end()
-                    v = _flat_grad(params)
+                    loss, _ = tr.policy_loss(b, rows, opts)
+                    tr.backward(loss)
+                    v = tr.flat_grad().double()
                     total, sq = (v, v * v) if total is None else (total + v, sq + v * v)
                     bar.update()
                 k = len(draws)
                 mean = total / k
                 var = float(((sq - k * mean * mean) / (k - 1)).sum())
                 norm2 = float((mean * mean).sum())
-                per_seed[name].append({"variance": var, "relative_variance": var / norm2 if norm2 else math.nan,
-                                       "mean_grad_norm": math.sqrt(norm2)})  # fmt: skip
+                per_seed[name].append(
+                    {
+                        "variance": var,
+                        "relative_variance": var / norm2 if norm2 else math.nan,
+                        "mean_grad_norm": math.sqrt(norm2),
+                    }
+                )
             tr.opt.zero_grad(set_to_none=True)
         finally:
             tr.scorer.close()
@@ -117,36 +116,20 @@ def measure(cfg: GradVarConfig, progress: bool = True) -> dict[str, Any]:
     bar.close()
     summary = {}
     for name, rows in per_seed.items():
-        summary[name] = {k: (statistics.mean(r[k] for r in rows), statistics.stdev(r[k] for r in rows)
-                             if len(rows) > 1 else 0.0) for k in rows[0]}  # fmt: skip
+        summary[name] = {k: mean_std(r[k] for r in rows) for k in rows[0]}  # NaN (a zero mean gradient): left out
     if "rspo" in per_seed and "gmpo" in per_seed:
         ratios = [a["variance"] / b["variance"] for a, b in zip(per_seed["rspo"], per_seed["gmpo"], strict=True)]
         summary["rspo_over_gmpo_variance"] = {"per_seed": ratios, "mean": statistics.mean(ratios)}
     return {"per_seed": per_seed, "summary": summary}
 
 
-def _with_objective(cfg: TrainConfig, name: str) -> TrainConfig:
-    """The same config with objective ``name`` (its default hyperparameters) and router shift as it uses it."""
-    from rspo.config import to_dict
-
-    d = to_dict(cfg)
-    d["objective"] = {"name": name}
-    d["router_shift"]["enabled"] = None
-    return build(TrainConfig, d)
-
-
-def _loss(tr, b, rows: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """The loss of objective ``cfg.objective`` on rows ``rows`` of batch ``b`` at the trainer's current parameters."""
-    old = b.old[rows] if b.old is not None else None
-    with tr.routing.forward(old, b.resp) as cur:
-        logp, _, _ = response_log_probs(tr.model, b.sequences[rows], b.attention_mask[rows], b.response_len,
-                                        entropy=False, temperature=cfg.rollout.temperature)  # fmt: skip
-    gamma = tr.routing.gamma(old, cur.trace) if cur is not None else None
-    weights = None if b.rollout_weights is None else b.rollout_weights[rows]
-    return compute_policy_loss(cfg.objective.name, logp, b.old_log_probs[rows], b.advantages[rows], b.loss_mask[rows],
-                               router_shift=gamma if cfg.router_shift.enabled else None, rollout_weights=weights,
-                               rollout_weights_reduce=cfg.rollout_correction.reduce,
-                               **cfg.objective_hparams())  # fmt: skip
+def _options(cfg: TrainConfig, name: str) -> Options:
+    """The run's options with objective ``name`` (its default hyperparameters) and router shift as it uses it
+    (on for rspo only; the run's loss-only router-shift options then do not apply)."""
+    rs = dataclasses.replace(cfg.router_shift, enabled=None)
+    if get_objective(name).router_shift != "required":
+        rs = dataclasses.replace(rs, **{k: getattr(RouterShiftOptions(), k) for k in LOSS_ONLY})
+    return Options(ObjectiveOptions(name), rs, cfg.routing.control)
 
 
 def write_gradvar(cfg: GradVarConfig, result: dict[str, Any]) -> Path:
@@ -155,21 +138,31 @@ def write_gradvar(cfg: GradVarConfig, result: dict[str, Any]) -> Path:
     run = RunDir.open_or_create(cfg.out_dir, "gradvar")
     run.write_json("results.json", result)
     s = result["summary"]
-    lines = ["# Policy-gradient variance over resampled mini-batches, at fixed parameters", "",
-             f"Train config `{cfg.train_config}` with `{' '.join(cfg.overrides) or '-'}`; {len(cfg.seeds)} rollout "
-             f"batches (seeds {cfg.seeds}), {cfg.warm_updates} warm-up step(s) with {cfg.warm_objective}, "
-             f"{cfg.draws} mini-batches drawn per batch. Mean +- std over seeds.", "",
-             "| objective | total variance | relative variance (/ squared norm of the mean gradient) | "
-             "norm of the mean gradient |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Policy-gradient variance over resampled mini-batches, at fixed parameters",
+        "",
+        f"Train config `{cfg.train_config}` with `{' '.join(cfg.overrides) or '-'}`; {len(cfg.seeds)} rollout "
+        f"batches (seeds {cfg.seeds}), {cfg.warm_updates} warm-up step(s) with {cfg.warm_objective}, "
+        f"{cfg.draws} mini-batches drawn per batch. Mean +- std over seeds.",
+        "",
+        "| objective | total variance | relative variance (/ squared norm of the mean gradient) | "
+        "norm of the mean gradient |",
+        "|---|---|---|---|",
+    ]
     for name in cfg.objectives:
         v = s[name]
-        lines.append(f"| {name} | {v['variance'][0]:.4g} +- {v['variance'][1]:.2g} | "
-                     f"{v['relative_variance'][0]:.4g} +- {v['relative_variance'][1]:.2g} | "
-                     f"{v['mean_grad_norm'][0]:.4g} +- {v['mean_grad_norm'][1]:.2g} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {v['variance'][0]:.4g} +- {v['variance'][1]:.2g} | "
+            f"{v['relative_variance'][0]:.4g} +- {v['relative_variance'][1]:.2g} | "
+            f"{v['mean_grad_norm'][0]:.4g} +- {v['mean_grad_norm'][1]:.2g} |"
+        )
     if "rspo_over_gmpo_variance" in s:
         r = s["rspo_over_gmpo_variance"]
-        lines += ["", f"RSPO / GMPO total variance, paired per seed: "
-                      f"{', '.join(f'{x:.4f}' for x in r['per_seed'])} (mean {r['mean']:.4f})."]  # fmt: skip
+        lines += [
+            "",
+            f"RSPO / GMPO total variance, paired per seed: "
+            f"{', '.join(f'{x:.4f}' for x in r['per_seed'])} (mean {r['mean']:.4f}).",
+        ]
     run.write_text("report.md", "\n".join(lines) + "\n")
     return run.path / "report.md"
 
