@@ -131,6 +131,14 @@ def _gradvar(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _verl_data(args: argparse.Namespace, cfg: Any) -> int:
+    from rspo.integrations.verl_reward import write_verl_data
+
+    for name, path in write_verl_data(cfg, overwrite=args.overwrite).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _objectives(args: argparse.Namespace, cfg: Any) -> int:
     from rspo.lab.toy import objectives_listing, objectives_table
 
@@ -242,6 +250,13 @@ COMMANDS: tuple[Command, ...] = (
         "policy-gradient variance over resampled mini-batches at fixed parameters",
         _gradvar,
         "rspo.lab.gradvar:GradVarConfig",
+    ),
+    Command(
+        "verl-data",
+        "a task's splits as verl parquet files (rspo's graders score them in verl)",
+        _verl_data,
+        "rspo.integrations.verl_reward:VerlDataConfig",
+        (OVERWRITE,),
     ),
     Command(
         "objectives",
