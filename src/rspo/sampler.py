@@ -7,6 +7,7 @@ recorded while generating (the sampled tokens' log-probs; an engine may record m
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ class Generation:
     (special tokens removed).  logprobs: ``(B, T)`` float32, the sampler's own log-probs of the response
     tokens under softmax(logits / temperature) (before top-p, as the trainer scores them), 0 after the
     response; None for greedy decoding. An engine that reports them makes rollout correction possible.
+    routed_experts: ``(B, P + T - 1, L, k)`` the experts the sampler's model routed each input position to, per
+    MoE layer (vLLM's layout: row i is input position i; the last sampled token is never an input), in the
+    smallest integer dtype; with ``record_routing`` only (rollout routing replay, R3).
     """
 
     sequences: Tensor
@@ -43,6 +47,7 @@ class Generation:
     response_mask: Tensor
     texts: list[str]
     logprobs: Tensor | None = None
+    routed_experts: Tensor | None = None
 
 
 class _FinishRecorder(StoppingCriteria):
@@ -121,6 +126,7 @@ class Sampler:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_strings: Sequence[str] = (),
+        record_routing: bool = False,
     ) -> Generation:
         raise NotImplementedError
 
@@ -136,6 +142,7 @@ class HFSampler(Sampler):
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        self._routers = None
 
     @torch.no_grad()
     def sample(
@@ -148,7 +155,10 @@ class HFSampler(Sampler):
         top_p: float = 1.0,
         seed: int | None = None,
         stop_strings: Sequence[str] = (),
+        record_routing: bool = False,
     ) -> Generation:
+        """One response per prompt; ``record_routing``: also each input position's experts per MoE layer,
+        recorded by router hooks during the prefill and every decode step (``Generation.routed_experts``)."""
         pol = self.policy
         ids, am = pol.encode(prompts)  # (B, P)
         b, p = ids.shape
@@ -168,14 +178,16 @@ class HFSampler(Sampler):
         logp_rec = None if greedy else _LogProbRecorder(temperature)
         was_training = pol.model.training
         pol.model.eval()
+        routing = self._routing_capture() if record_routing else contextlib.nullcontext()
         try:
-            out = pol.model.generate(
-                input_ids=ids,
-                attention_mask=am,
-                generation_config=cfg,
-                stopping_criteria=StoppingCriteriaList([rec]),
-                logits_processor=LogitsProcessorList([logp_rec] if logp_rec else []),
-            )
+            with routing as routed:
+                out = pol.model.generate(
+                    input_ids=ids,
+                    attention_mask=am,
+                    generation_config=cfg,
+                    stopping_criteria=StoppingCriteriaList([rec]),
+                    logits_processor=LogitsProcessorList([logp_rec] if logp_rec else []),
+                )
         finally:
             pol.model.train(was_training)
         resp = out[:, p:]  # (B, T)
@@ -189,6 +201,19 @@ class HFSampler(Sampler):
         texts = pol.tokenizer.batch_decode(
             [r[:n] for r, n in zip(resp.tolist(), lengths.tolist(), strict=True)], skip_special_tokens=True
         )
+        experts = None
+        if record_routing:
+            experts = routed.trace.topk_idx  # (B, P + T - 1, L, k)
+            if experts.shape[1] != p + t - 1:
+                raise RuntimeError(f"recorded routing for {experts.shape[1]} positions, expected {p + t - 1}")
         return Generation(
-            torch.cat([ids, resp], 1), torch.cat([am, response_mask], 1), p, response_mask, texts, logprobs
+            torch.cat([ids, resp], 1), torch.cat([am, response_mask], 1), p, response_mask, texts, logprobs, experts
         )
+
+    def _routing_capture(self):
+        """The routers' capture of every position and forward call of ``generate``, experts only."""
+        from rspo.routing.capture import MoERouters
+
+        if self._routers is None:
+            self._routers = MoERouters(self.policy.model)
+        return self._routers.capture(positions=None, chunks="sequence", logp=False)

@@ -39,6 +39,16 @@ class RolloutConfig:
     """Sampling temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
+    dtype: DType | None = None
+    """Precision of the rollout's copy of the policy (bfloat16 rollouts with a float32 trainer, the usual GPU
+    set-up, make the train/inference mismatch real on a CPU); None = the policy's own, no copy."""
+    record_routing: bool | None = None
+    """Record each token's experts during generation (vLLM's routed_experts layout); None = on with routing
+    control replay_rollout (R3, which needs it) or a rollout dtype of its own."""
+    routing_diagnostics: bool = True
+    """With recorded routing: every step, the agreement of the trainer's own top-K with the rollout's
+    (rollout/routing_*) and the log-prob mismatch both under the trainer's own routing (rollout/own/*) and
+    under the rollout's (rollout/replayed/*); one extra no-grad forward per step."""
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1 or self.group_size < 2:
@@ -180,6 +190,14 @@ class TrainConfig:
         if self.kl_coef < 0 or self.max_bad_steps < 1:
             raise ValueError(f"kl_coef >= 0 and max_bad_steps >= 1 required, got {self.kl_coef}, {self.max_bad_steps}")
         self.options = Options(self.objective, self.router_shift, self.routing.control)  # checked together
+        r3 = self.routing.control == "replay_rollout"
+        if self.rollout.record_routing is None:
+            own_dtype = self.rollout.dtype is not None and self.rollout.dtype != self.dtype
+            self.rollout.record_routing = r3 or own_dtype
+        elif r3 and not self.rollout.record_routing:
+            raise ValueError(
+                "routing.control=replay_rollout replays the rollout's routing: rollout.record_routing cannot be false"
+            )
         rc = self.rollout_correction
         sequence_objective = get_objective(self.objective.name).level == "sequence"
         if rc.reduce is not None and not (rc.level == "token" and sequence_objective):

@@ -17,6 +17,7 @@ What passes between phases lives on the :class:`RolloutBatch`; the trainer holds
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
@@ -37,7 +38,7 @@ from rspo.objectives import compute_policy_loss, masked_mean
 from rspo.options import Options
 from rspo.policy import load_policy, resolve_model_path
 from rspo.routing import RouterTrace
-from rspo.routing.step import OldTrace, RoutingStep
+from rspo.routing.step import OldTrace, RoutingStep, rollout_trace, routing_agreement
 from rspo.rundir import RunDir, crash_point, load_tensors
 from rspo.sampler import HFSampler
 from rspo.scoring import REWARD_ERROR, REWARD_TIMEOUT, Scorer
@@ -78,6 +79,7 @@ class RolloutBatch:
     rollout_stats: dict[str, float] = field(default_factory=dict)  # rollout/... mismatch metrics
     ref_log_probs: Tensor | None = None  # (B, T) under the initial policy (kl_coef > 0)
     old: OldTrace | None = None  # old router record (B, T, L, K); every position for replay
+    routed_experts: Tensor | None = None  # (B, P + T - 1, L, k) the rollout's experts (rollout.record_routing)
 
     @property
     def resp(self) -> slice:
@@ -190,13 +192,23 @@ class Trainer:
         self.device = self.policy.device
         self.model, self.tok = self.policy.model, self.policy.tokenizer
         self.model.train()
-        self.sampler = HFSampler(self.policy)
+        self.sampler = HFSampler(self.policy)  # validation: the policy as it is trained
+        self.rollout_policy = self.policy  # rollouts: the same model, or a copy in the rollout's own dtype
+        if cfg.rollout.dtype is not None and cfg.rollout.dtype != cfg.dtype:
+            copy = load_policy(model_dir, device=cfg.device, dtype=cfg.rollout.dtype)
+            self.rollout_policy = copy  # its weights follow the policy's before every rollout
+        self.rollout_sampler = HFSampler(self.rollout_policy)
         try:
             self.routing = RoutingStep(self.model, cfg.routing_options())
         except ValueError as e:
             if "top_k" not in str(e):
                 raise
             raise ConfigError(f"router_shift.top_k={cfg.router_shift.top_k}: {e}") from None
+        if cfg.rollout.record_routing and not self.routing.active:
+            raise ConfigError(
+                f"rollout.record_routing needs an MoE model with router capture ({type(self.model).__name__}"
+                f" has none, or log_router=false)"
+            )
         self.opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=cfg.optim.lr,
@@ -268,13 +280,17 @@ class Trainer:
         prompts = [next(self.stream) for _ in range(r.prompts_per_step)]
         self.state.data_pos += r.prompts_per_step
         examples = [p for p in prompts for _ in range(r.group_size)]
-        gen = self.sampler.sample(
+        if self.rollout_policy is not self.policy:  # the rollout's copy takes the policy's weights (cast)
+            with torch.no_grad():
+                self.rollout_policy.model.load_state_dict(self.model.state_dict())
+        gen = self.rollout_sampler.sample(
             [self.task.prompt(x) for x in examples],
             max_new_tokens=self.cfg.max_new_tokens,
             temperature=r.temperature,
             top_p=r.top_p,
             stop_strings=self.task.stop_strings,
             seed=_seed(self.cfg.seed, self.state.step, "sample"),
+            record_routing=bool(r.record_routing),
         )
         return RolloutBatch(
             examples,
@@ -284,6 +300,7 @@ class Trainer:
             gen.response_mask.float(),
             gen.texts,
             rollout_log_probs=gen.logprobs,
+            routed_experts=gen.routed_experts,
         )
 
     # ------------------------------------------------------------------ 2-3. rewards, advantages
@@ -324,8 +341,10 @@ class Trainer:
         """
         b.order = _permutation(len(b.texts), _seed(self.cfg.seed, self.state.step, "order"), self.device)
         logps, traces = [], []
+        r3 = self.routing.replays_rollout
         for mb in b.order.split(self.cfg.mini_batch_size):
-            with self.routing.capture(b.resp, chunks="sequence") as rec:
+            rollout = b.routed_experts[mb] if r3 else None
+            with self.routing.capture(b.resp, chunks="sequence", rollout=rollout) as rec:
                 logp, _, _ = response_log_probs(
                     self.model,
                     b.sequences[mb],
@@ -344,7 +363,7 @@ class Trainer:
             full = RouterTrace(
                 torch.cat([t.topk_idx for t in traces])[inv], torch.cat([t.logp for t in traces])[inv], weights
             )
-            b.old = self.routing.old_trace(full, b.resp)
+            b.old = self.routing.old_trace(full, b.resp, rollout=b.routed_experts)
         if b.rollout_log_probs is not None:  # the same model here: ratios 1 up to numerics (a separate engine: not)
             if self.correction is None:  # diagnostics only
                 b.rollout_stats = mismatch_metrics(b.old_log_probs, b.rollout_log_probs, b.loss_mask)
@@ -352,6 +371,8 @@ class Trainer:
                 b.rollout_weights, b.rollout_stats = self.correction.weights(
                     b.old_log_probs, b.rollout_log_probs, b.loss_mask
                 )
+        if b.routed_experts is not None and self.cfg.rollout.routing_diagnostics and b.old is not None:
+            b.rollout_stats.update(self._routing_diagnostics(b))
         if self.ref_model is not None:
             ref = response_log_probs(
                 self.ref_model,
@@ -362,6 +383,42 @@ class Trainer:
                 temperature=self.cfg.rollout.temperature,
             )
             b.ref_log_probs = ref[0]
+
+    @torch.no_grad()
+    def _routing_diagnostics(self, b: RolloutBatch) -> dict[str, float]:
+        """The rollout's routing against the trainer's: the trainer's own top-K against the rollout's experts
+        (``rollout/routing_*``), and the log-prob mismatch to the sampler with the trainer's own routing
+        (``rollout/own/*``) and with the rollout's experts replayed (``rollout/replayed/*``). The old pass gives
+        one of the two; a second no-grad forward gives the other."""
+        rollout_resp = b.routed_experts[:, b.resp]  # (B, T, L, k)
+        own = b.old.own if b.old.own is not None else b.old.trace.topk_idx
+        out = {}
+        if own.shape == rollout_resp.shape:  # a stored top-K other than the model's: no comparison
+            out |= routing_agreement(rollout_resp, own, b.response_mask, "rollout/routing_")
+        replayed = self.routing.replays_rollout
+        other = []
+        for mb in b.order.split(self.cfg.mini_batch_size):
+            ctx = (
+                contextlib.nullcontext()
+                if replayed  # the run replays: the other is the trainer's own
+                else self.routing.routers.replay(rollout_trace(b.routed_experts[mb]), mode="indices")
+            )
+            with ctx:
+                logp, _, _ = response_log_probs(
+                    self.model,
+                    b.sequences[mb],
+                    b.attention_mask[mb],
+                    b.response_len,
+                    entropy=False,
+                    temperature=self.cfg.rollout.temperature,
+                )
+            other.append(logp)
+        other_logp = torch.cat(other)[torch.argsort(b.order)]
+        own_logp, replayed_logp = (other_logp, b.old_log_probs) if replayed else (b.old_log_probs, other_logp)
+        for name, logp in (("own", own_logp), ("replayed", replayed_logp)):
+            m = mismatch_metrics(logp, b.rollout_log_probs, b.loss_mask)
+            out |= {k.replace("rollout/", f"rollout/{name}/", 1): v for k, v in m.items()}
+        return out
 
     # ------------------------------------------------------------------ 5. update
     def update(self, b: RolloutBatch) -> dict[str, float]:

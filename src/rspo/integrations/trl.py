@@ -221,6 +221,13 @@ class RSPOConfig(GRPOConfig):
         objective = build(ObjectiveOptions, objective, name=TRL_NAMES.objective.__getitem__)
         shift = {k: getattr(self, _trl_field(k)) for k in router_shift_fields()}
         shift = build(RouterShiftOptions, shift, name=_trl_field)
+        if self.routing_control == "replay_rollout":
+            raise ValueError(
+                "routing_control='replay_rollout' (R3) replays the experts the rollout engine chose, and TRL 1.16 "
+                "returns none: neither transformers' generate nor its vLLM path carries routed experts. TRL would "
+                "need vLLM's enable_return_routed_experts and each completion's routed_experts passed into the loss "
+                "inputs (like old_per_token_logps). Use replay_indices (R2, from the old pass) or rspo train / verl"
+            )
         self.options = Options(objective, shift, self.routing_control, names=TRL_NAMES)
         self.router_shift = shift.enabled
 

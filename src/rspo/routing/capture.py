@@ -69,24 +69,29 @@ class RouterTrace:
         ``gather(..., keep_grad=True)``).
     weights: ``(B, T, L, k)`` the weights the experts received, in the router's dtype (kept by
         ``capture(weights=True)``, needed by ``replay(mode='logits')``), else None.
+    known: ``(B, T)`` bool, for replay only: the positions whose experts the trace holds; the others keep
+        the router's own choice (a rollout engine that dropped the prompt's routing); None = all.
     """
 
     topk_idx: Tensor
     logp: Tensor
     weights: Tensor | None = None
+    known: Tensor | None = None
 
     def __getitem__(self, rows: Tensor | slice | list[int]) -> RouterTrace:
         w = None if self.weights is None else self.weights[rows]
-        return RouterTrace(self.topk_idx[rows], self.logp[rows], w)
+        return RouterTrace(self.topk_idx[rows], self.logp[rows], w, None if self.known is None else self.known[rows])
 
     def positions(self, sl: slice) -> RouterTrace:
         """The same trace restricted to sequence positions ``sl``."""
         w = None if self.weights is None else self.weights[:, sl]
-        return RouterTrace(self.topk_idx[:, sl], self.logp[:, sl], w)
+        known = None if self.known is None else self.known[:, sl]
+        return RouterTrace(self.topk_idx[:, sl], self.logp[:, sl], w, known)
 
     def to(self, device: torch.device | str) -> RouterTrace:
         w = None if self.weights is None else self.weights.to(device)
-        return RouterTrace(self.topk_idx.to(device), self.logp.to(device), w)
+        known = None if self.known is None else self.known.to(device)
+        return RouterTrace(self.topk_idx.to(device), self.logp.to(device), w, known)
 
     @property
     def nbytes(self) -> int:
@@ -210,18 +215,31 @@ class MoERouters:
         return t.reshape(b, t.shape[0] // b, *t.shape[1:])
 
     def _stored_indices(self, router: nn.Module, logits: Tensor, idx: Tensor) -> Tensor:
-        if self.top_k == self.model_top_k:
+        """The router's own top-K experts: its output ``idx``, or from the logits when K differs from the
+        model's top-k or a replay has replaced the output (the router's choice, not the replayed one)."""
+        if self.top_k == self.model_top_k and not self.replaying:
             return idx
         return self.family.selection_scores(router, logits).topk(self.top_k, dim=-1).indices
+
+    @property
+    def replaying(self) -> bool:
+        """Whether a replay (:meth:`start_replay`) rewrites the routers' outputs now."""
+        return bool(getattr(self, "_replay_handles", None))
 
     # ---------------------------------------------------------------- capture / gather
     @contextlib.contextmanager
     def capture(
-        self, positions: Positions = None, weights: bool = False, chunks: Literal["sequence", "batch"] = "sequence"
+        self,
+        positions: Positions = None,
+        weights: bool = False,
+        chunks: Literal["sequence", "batch"] = "sequence",
+        logp: bool = True,
     ) -> Iterator[_Recorder]:
         """Record the old top-K indices and router log-probs; ``.trace`` is set on exit.
 
         ``weights=True`` also keeps the expert weights (needed by ``replay(mode='logits')``).
+        ``logp=False`` records the experts only (``trace.logp`` is empty): what a rollout engine returns
+        for routing replay, at one small integer per token, layer and expert.
         Several forward calls in one context are concatenated along the sequence (``chunks='sequence'``:
         KV-cache decoding) or along the batch (``chunks='batch'``: a batch split into row chunks).
         """
@@ -238,7 +256,7 @@ class MoERouters:
                 logits, w, idx = output
                 with torch.no_grad():
                     sel = self._stored_indices(router, logits, idx)
-                    lp = router_log_probs_at(self.family, logits, sel, self.prob)
+                    lp = router_log_probs_at(self.family, logits, sel, self.prob) if logp else sel[:, :0].float()
                     sel_bs, lp_bs = self._to_bs(sel), self._to_bs(lp)
                     if positions is not None:
                         sel_bs, lp_bs = sel_bs[:, positions], lp_bs[:, positions]
@@ -357,6 +375,8 @@ class MoERouters:
                         f"forward {n}: replay needs a full-sequence trace of exactly this batch"
                     )
                 new_idx = stored.reshape(n, -1).to(idx.dtype)
+                if trace.known is not None:  # positions without a record keep the router's own experts
+                    new_idx = torch.where(trace.known.reshape(n, 1), new_idx, idx)
                 if mode == "indices":
                     new_w = self.family.weights_at(router, logits, new_idx)
                 else:
