@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rspo-installed
 
-.PHONY: install demo test lint docs study study-e8k1 drift test-trl-newest test-verl stress-trl clean
+.PHONY: install demo test lint docs study study-e8k1 drift test-trl-newest test-verl stress-trl gpu-check clean
 
 $(STAMP): pyproject.toml requirements-outside.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -92,6 +92,13 @@ stress-trl: $(STAMP)
 	  out_dir='runs/stress-policy', steps=80, batch_size=32, lr=3e-3, warmup_steps=10, eval_every=0, final_eval=False, \
 	  shuffle_buffer=64, threads=1), progress=False, overwrite=True)"
 	$(PY) tests/scripts/stress_two_process.py runs/stress-policy --runs 20 --load 2
+
+# The GPU check, for a lent accelerator with only torch and transformers (no install: PYTHONPATH=src): the
+# CUDA checks (kernel, float32 and bf16 steps, R3) and GRPO/RSPO/RSPO+R3 step time and peak memory on a
+# 110M-parameter preset, into $(GPU_CHECK_OUT). Fits in a few minutes on one H100 (not run yet: no GPU so far).
+GPU_CHECK_OUT ?= gpu-check.json
+gpu-check:
+	PYTHONPATH=src python3 benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

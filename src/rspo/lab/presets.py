@@ -162,6 +162,12 @@ PRESETS: dict[str, ModelPreset] = {
             "qwen3-moe-e64k8", "qwen3_moe", "drift atlas: 64 experts, top-8, width 32", _qwen3(128, 4, 64, 8, 32)
         ),
         ModelPreset(
+            "qwen3-moe-100m",
+            "qwen3_moe",
+            "GPU check (make gpu-check): hidden 512, 8 layers, 32 experts, top-4, width 256 (about 110M parameters)",
+            _qwen3(512, 8, 32, 4, 256),
+        ),
+        ModelPreset(
             "qwen3-moe-e32k4-l8",
             "qwen3_moe",
             "drift atlas: 32 experts, top-4, width 64, 8 layers",
