@@ -288,8 +288,43 @@ def markdown(table: dict[str, dict[str, Any]], arms: dict[str, ArmRuns], cfg: St
             lines.append(
                 f"| {d['arm']} | {d['baseline']} | {d['seeds']} | {d['diff']:+.1%} | [{lo:+.1%}, {hi:+.1%}] | {sig} |"
             )
+    lines += _rollout_table(arms)
     lines += ["", "![final](final.png)", "", "![curves](curves.png)", "", "![gamma](gamma.png)", ""]
     return "\n".join(lines)
+
+
+ROLLOUT_COLUMNS = (
+    ("rollout/routing_disagree_tokens", "tokens whose rollout experts differ from the trainer's (any layer)", True),
+    ("rollout/own/logp_diff_mean", "mean abs log-prob diff, trainer's own routing", False),
+    ("rollout/replayed/logp_diff_mean", "the same, the rollout's experts replayed", False),
+    ("rollout/own/logp_diff_max", "max abs log-prob diff, own routing", False),
+    ("rollout/replayed/logp_diff_max", "max abs log-prob diff, replayed", False),
+    ("rollout/own/kl_k3", "KL(rollout || trainer), own routing", False),
+    ("rollout/replayed/kl_k3", "the same, replayed", False),
+)
+
+
+def _rollout_table(arms: dict[str, ArmRuns]) -> list[str]:
+    """The rollout's routing against the trainer's, per arm (runs that recorded the rollout's routing only):
+    each column the mean over steps, then mean +- std over seeds."""
+    key = ROLLOUT_COLUMNS[0][0]
+    shown = {a: r for a, r in arms.items() if any(key in row for rows in r.runs.values() for row in rows)}
+    if not shown:
+        return []
+    lines = [
+        "",
+        "The rollout against the trainer (mean over steps, then mean +- std over seeds):",
+        "",
+        "| arm | " + " | ".join(c[1] for c in ROLLOUT_COLUMNS) + " |",
+        "|" + "---|" * (1 + len(ROLLOUT_COLUMNS)),
+    ]
+    for arm, a in shown.items():
+        cells = []
+        for k, _, pct in ROLLOUT_COLUMNS:
+            per_seed = [sum(v) / len(v) for rows in a.runs.values() if (v := [r[k] for r in rows if k in r])]
+            cells.append(_ms(mean_std(per_seed), pct))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(
