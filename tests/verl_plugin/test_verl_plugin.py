@@ -76,9 +76,23 @@ PROMPT_LENS = [3, 5, 2, 4]
 RESP_LENS = [4, 2, 5, 3]
 
 
-def make_batch(seed: int = 0, use_remove_padding: bool = True) -> TensorDict:
+def routed_experts(seed: int = 5, layers: int = 2, k: int = 2, experts: int = 8) -> torch.Tensor:
+    """A rollout's routing as verl's agent loop stores it: ``(B, P + R, L, k)`` int16 over the padded sequence,
+    distinct experts per recorded position, zeros where the engine recorded nothing (padding, the last
+    response token)."""
+    g = torch.Generator().manual_seed(seed)
+    b, p, r = len(PROMPT_LENS), max(PROMPT_LENS), max(RESP_LENS)
+    out = torch.zeros(b, p + r, layers, k, dtype=torch.int16)
+    for i, (pl, rl) in enumerate(zip(PROMPT_LENS, RESP_LENS, strict=True)):
+        for pos in range(p - pl, p + rl - 1):
+            for layer in range(layers):
+                out[i, pos, layer] = torch.randperm(experts, generator=g)[:k].to(torch.int16)
+    return out
+
+
+def make_batch(seed: int = 0, use_remove_padding: bool = True, routed: torch.Tensor | None = None) -> TensorDict:
     """verl's own layout: left-padded prompts + right-padded responses, converted by verl's
-    ``left_right_2_no_padding`` (nested input_ids / position_ids)."""
+    ``left_right_2_no_padding`` (nested input_ids / position_ids; and ``routed_experts`` when given)."""
     g = torch.Generator().manual_seed(seed)
     b, p, r = len(PROMPT_LENS), max(PROMPT_LENS), max(RESP_LENS)
     prompts = torch.zeros(b, p, dtype=torch.long)
@@ -98,6 +112,8 @@ def make_batch(seed: int = 0, use_remove_padding: bool = True) -> TensorDict:
         "prompts": prompts,
         "responses": responses,
     }
+    if routed is not None:
+        fields["routed_experts"] = routed
     td = TensorDict(fields, batch_size=[b])
     td = left_right_2_no_padding(td)
     tu.assign_non_tensor(
@@ -531,3 +547,79 @@ def test_an_abandoned_forward_leaves_no_hooks(model):
     assert hooks() == before
     mo = old_pass(eng, td)  # and the next micro-batch records normally
     assert mo[rv.OLD_IDX].values().shape[1:] == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------- R3
+def forced_forward_log_probs(model, td, routed):
+    """Independently of rspo: each sequence alone, its routers replaced by a function returning the rollout's
+    experts (the recorded rows; the router's own elsewhere) with Qwen3-MoE's weights computed here."""
+    gates = [m for _, m in model.named_modules() if type(m).__name__ == "Qwen3MoeTopKRouter"]
+    p = max(PROMPT_LENS)
+    out = []
+    for i, (seq, pl) in enumerate(zip(td["input_ids"].unbind(), PROMPT_LENS, strict=True)):
+        rows = routed[i, p - pl : p - pl + seq.shape[0]].long()  # (S_i, L, k) this sequence's positions
+
+        def forced(layer, gate, rows=rows):
+            def forward(hidden):
+                logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), gate.weight)
+                own = logits.topk(rows.shape[-1], dim=-1).indices
+                recorded = (rows[:, layer] != 0).any(-1, keepdim=True)
+                idx = torch.where(recorded, rows[:, layer], own)
+                w = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, idx)
+                if gate.norm_topk_prob:
+                    w = w / w.sum(-1, keepdim=True)
+                return logits, w.to(logits.dtype), idx
+
+            return forward
+
+        originals = [g.forward for g in gates]
+        for layer, g in enumerate(gates):
+            g.forward = forced(layer, g)
+        try:
+            with torch.no_grad():
+                logits = model(seq[None]).logits[0].float()
+        finally:
+            for g, f in zip(gates, originals, strict=True):
+                g.forward = f
+        lp = torch.log_softmax(logits[:-1], -1).gather(-1, seq[1:, None]).squeeze(-1)  # (S_i - 1,)
+        out.append(lp[pl - 1 :])  # the response tokens
+    return out
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_r3_replays_the_rollouts_experts_in_the_old_pass_and_the_update(model, packed):
+    routed = routed_experts()
+    td = make_batch(0, use_remove_padding=packed, routed=routed)
+    eng = make_engine(model)
+    cfg = rv.VerlRSPOConfig(routing_control="replay_rollout")
+    rv.install_capture(eng, cfg)
+    mo = old_pass(eng, td)
+    # the old pass routed every recorded token to the rollout's experts: its log-probs equal a forced forward's
+    lp = no_padding_2_padding(mo["log_probs"], td)
+    for i, ref in enumerate(forced_forward_log_probs(model, td, routed)):
+        torch.testing.assert_close(lp[i, : RESP_LENS[i]], ref, atol=1e-5, rtol=0)
+    # "old" experts are the rollout's; the old router's own top-K is kept for the agreement metrics
+    for i, got in enumerate(mo[rv.OLD_IDX].unbind()):
+        want = routed[i, max(PROMPT_LENS) - PROMPT_LENS[i] :][: got.shape[0]]
+        assert torch.equal(got[:-1].long(), want[:-1].long())
+    up = with_old(td, mo)
+    up[rv.OWN_IDX] = mo[rv.OWN_IDX]
+    _loss, out = update(eng, up, cfg)
+    assert out["metrics"]["router/gamma_mean"] == 1.0  # unchanged weights: the same experts, the same router
+    assert 0 <= out["metrics"]["router/rollout_disagree_tokens"] <= 1
+    cap = eng._rspo_capture
+    assert cap.step.routers.replaying  # on through the backward, until the next forward starts
+    ref = make_batch(0)
+    tu.assign_non_tensor(ref, calculate_entropy=False)
+    with torch.no_grad():
+        cap.before(ref)  # the next forward (here a reference log-prob pass, which the plugin leaves alone)
+    assert not cap.step.routers.replaying
+
+
+def test_r3_needs_the_rollouts_experts(model):
+    eng = make_engine(model)
+    rv.install_capture(eng, rv.VerlRSPOConfig(routing_control="replay_rollout"))
+    with pytest.raises(KeyError, match="enable_rollout_routing_replay=true"):
+        old_pass(eng, make_batch(0))
+    with pytest.raises(ValueError, match="routing_control='replay_indices'"):
+        rv.VerlRSPOConfig(routing_control="replay_indices")

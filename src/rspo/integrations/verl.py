@@ -42,7 +42,14 @@ from rspo.errors import ConfigError
 from rspo.objectives import WeightsReduce, compute_policy_loss, get_objective, list_objectives
 from rspo.options import Names, ObjectiveOptions, Options, RouterShiftOptions, router_shift_fields
 from rspo.routing.capture import RouterTrace
-from rspo.routing.step import OldTrace, RoutingControl, RoutingStep, router_gamma, router_metrics
+from rspo.routing.step import (
+    OldTrace,
+    RoutingControl,
+    RoutingStep,
+    router_gamma,
+    router_metrics,
+    routing_agreement,
+)
 
 Tensor = torch.Tensor
 SUPPORTED_VERL = ">=0.9.1,<0.10"
@@ -50,6 +57,8 @@ SUPPORTED_VERL = ">=0.9.1,<0.10"
 NAMESPACE = "actor_rollout_ref.rspo"
 OLD_IDX, OLD_LOGP = "rspo_old_topk_idx", "rspo_old_router_logp"  # old pass -> batch -> update
 CUR_IDX, CUR_LOGP = "rspo_cur_topk_idx", "rspo_cur_router_logp"  # update's model_output -> loss
+OWN_IDX = "rspo_old_own_topk_idx"  # R3: the old router's own top-K, which the replay overrode (diagnostics)
+ROUTED = "routed_experts"  # verl's field for the rollout's routing (rollout.enable_rollout_routing_replay)
 
 
 SECTION_KEYS = (
@@ -102,10 +111,10 @@ class VerlRSPOConfig:
             raise ConfigError(f"{NAMESPACE}.objective={self.objective!r}; valid: {', '.join(list_objectives())}")
         control = data.pop("routing_control", "none")
         self.routing_control: RoutingControl = check_value(RoutingControl, control, f"{NAMESPACE}.routing_control")
-        if self.routing_control != "none":
+        if self.routing_control not in ("none", "replay_rollout"):
             raise ConfigError(
-                f"{NAMESPACE}.routing_control={self.routing_control!r}: router freezing and routing "
-                "replay are not wired into verl's engine by the plugin (use verl's own, or rspo train)"
+                f"{NAMESPACE}.routing_control={self.routing_control!r}: router freezing and replay from the old "
+                "pass are not wired into verl's engine by the plugin (none or replay_rollout; or use rspo train)"
             )
         self.rollout_weights_reduce: WeightsReduce | None = check_value(
             WeightsReduce | None, data.pop("rollout_weights_reduce", None), f"{NAMESPACE}.rollout_weights_reduce"
@@ -233,12 +242,15 @@ class EngineRouterCapture:
         self._hooks: contextlib.ExitStack | None = None  # the routing step's capture or forward, for one forward
         self._rec: Any = None
         self._mode: str | None = None
+        self._rollout: RouterTrace | None = None
 
     @property
     def step(self) -> RoutingStep:
         """The routing step of the actor's module (built at first use: FSDP has wrapped the module by then)."""
         if self._step is None:
-            opts = Options(ObjectiveOptions(self.cfg.objective), self.cfg.shift, names=VERL_NAMES)
+            opts = Options(
+                ObjectiveOptions(self.cfg.objective), self.cfg.shift, self.cfg.routing_control, names=VERL_NAMES
+            )
             self._step = RoutingStep(self.engine.module, opts.routing_options(log=True))
         return self._step
 
@@ -260,6 +272,8 @@ class EngineRouterCapture:
         import verl.utils.tensordict_utils as tu
 
         self.after_abandoned()
+        if self._step is not None:  # an update's replay stays on through its backward (checkpointed layers
+            self._step.end()  # recompute with it); it ends here, before any other forward (a reference pass)
         calc_entropy = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
         if torch.is_grad_enabled():
             self._mode = "update"
@@ -268,9 +282,15 @@ class EngineRouterCapture:
         else:
             return
         self._check_engine(micro_batch)
+        self._rollout = self._rollout_trace(micro_batch) if self.cfg.routing_control == "replay_rollout" else None
         if self._mode == "old":
             self._hooks = contextlib.ExitStack()
-            self._rec = self._hooks.enter_context(self.step.capture(None, chunks="sequence"))
+            self._rec = self._hooks.enter_context(self.step.capture(None, chunks="sequence", rollout=self._rollout))
+            return
+        if self._rollout is not None:  # R3: every update routes to the rollout's experts and gathers at them
+            self._hooks = contextlib.ExitStack()
+            old = OldTrace(RouterTrace(self._rollout.topk_idx, self._rollout.logp), self._rollout)
+            self._rec = self._hooks.enter_context(self.step.forward(old, None))
             return
         if OLD_IDX not in micro_batch:
             self._mode = None
@@ -283,6 +303,28 @@ class EngineRouterCapture:
         trace = RouterTrace(stored, stored.new_zeros(stored.shape, dtype=torch.float32))  # gather reads topk_idx
         self._hooks = contextlib.ExitStack()
         self._rec = self._hooks.enter_context(self.step.forward(OldTrace(trace), None))
+
+    def _rollout_trace(self, micro_batch: Any) -> RouterTrace:
+        """The rollout's experts (verl's ``routed_experts``, nested like ``input_ids``) as a replay trace of the
+        forward's tokens. Rows the rollout did not record (verl stores zeros: the last response token, padding)
+        keep the router's own experts; with top-1 routing every row counts as recorded."""
+        if ROUTED not in micro_batch:
+            raise KeyError(
+                f"{NAMESPACE}.routing_control=replay_rollout: the batch has no {ROUTED!r}; set "
+                "actor_rollout_ref.rollout.enable_rollout_routing_replay=true so the rollout returns the experts"
+            )
+        idx = self._old_per_forward_token(micro_batch, micro_batch[ROUTED]).long()  # (B, S, L, k)
+        r = self.step.routers
+        if idx.shape[2:] != (r.num_layers, r.model_top_k):
+            raise ValueError(
+                f"{ROUTED} has {tuple(idx.shape[2:])} (layers, top-k); the model routes "
+                f"({r.num_layers}, {r.model_top_k}) per token"
+            )
+        if idx.numel() and (idx.min() < 0 or idx.max() >= r.num_experts):
+            raise ValueError(f"{ROUTED} holds expert indices outside 0..{r.num_experts - 1}")
+        known = (idx != 0).any(-1).any(-1) if r.model_top_k > 1 else torch.ones(idx.shape[:2], dtype=torch.bool)
+        idx = idx.to(r.idx_dtype)
+        return RouterTrace(idx, idx.new_zeros((*idx.shape[:-1], 0), dtype=torch.float32), known=known.to(idx.device))
 
     def _old_per_forward_token(self, micro_batch: Any, old: Tensor) -> Tensor:
         """The old experts laid out as the forward's tokens ``(B, S, L, K)``: packed (B = 1, plus the tail
@@ -321,18 +363,23 @@ class EngineRouterCapture:
         hooks.close()  # removes the hooks and assembles the record (an error if a layer was not seen once)
         trace = self._rec.trace
         self._rec = None
+        tensors = (
+            {OLD_IDX: trace.topk_idx, OLD_LOGP: trace.logp}
+            if mode == "old"
+            else {CUR_IDX: trace.topk_idx, CUR_LOGP: trace.logp}
+        )
+        if mode == "old" and self._rollout is not None:  # R3: "old" experts are the rollout's (docs/r3.md)
+            tensors = {OLD_IDX: self._rollout.topk_idx, OLD_LOGP: trace.logp, OWN_IDX: trace.topk_idx}
         b, s = trace.topk_idx.shape[:2]
-        idx, logp = (x.reshape(b * s, *x.shape[2:]) for x in (trace.topk_idx, trace.logp))  # (B*S, L, K)
         offsets = micro_batch["input_ids"].offsets()
-        if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
-            pad = output_args.get("pad_size", 0)
-            idx, logp = (self.engine._gather_and_unpad_packed(x, pad) for x in (idx, logp))
-        else:  # padded rows -> the valid tokens of each row, packed
-            lens = offsets.diff()
-            keep = (torch.arange(s, device=lens.device)[None] < lens[:, None]).reshape(-1)
-            idx, logp = idx[keep], logp[keep]
-        names = (OLD_IDX, OLD_LOGP) if mode == "old" else (CUR_IDX, CUR_LOGP)
-        for name, x in zip(names, (idx, logp), strict=True):
+        packed = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+        lens = offsets.diff()
+        for name, x in tensors.items():
+            x = x.reshape(b * s, *x.shape[2:])  # (B*S, L, K)
+            if packed:
+                x = self.engine._gather_and_unpad_packed(x, output_args.get("pad_size", 0))
+            else:  # padded rows -> the valid tokens of each row, packed
+                x = x[(torch.arange(s, device=lens.device)[None] < lens[:, None]).reshape(-1)]
             model_output[name] = torch.nested.nested_tensor_from_jagged(x, offsets)
 
 
@@ -447,6 +494,8 @@ def rspo_ppo_loss(
         experts = capture.step.routers.num_experts if capture is not None else None
         metrics.update(router_metrics(routing, old, cur, gamma, mask, experts, histogram=False))
         metrics["router/tokens"] = int((mask > 0).sum())
+        if OWN_IDX in data:  # R3: the old router's own top-K against the rollout's experts it replayed
+            metrics.update(routing_agreement(old.trace.topk_idx, pad(data[OWN_IDX]), mask, "router/rollout_"))
     weights = small.get("rollout_is_weights", None)
     loss, pg = compute_policy_loss(
         rspo.objective,
@@ -503,7 +552,15 @@ def after_init_model(worker: Any) -> VerlRSPOConfig | None:
             "FSDP engine (fsdp, fsdp2)"
         )
     options(actor_config, cfg)  # config errors now, not at the first update
-    cap = install_capture(worker.actor.engine, cfg) if cfg.router_shift else None
+    if cfg.routing_control == "replay_rollout":
+        rollout = worker.config.get("rollout", None) if hasattr(worker.config, "get") else None
+        if not (rollout is not None and rollout.get("enable_rollout_routing_replay", False)):
+            raise ValueError(
+                f"{NAMESPACE}.routing_control=replay_rollout needs the rollout's experts in the batch: set "
+                "actor_rollout_ref.rollout.enable_rollout_routing_replay=true (vLLM/SGLang then return them)"
+            )
+    needs_capture = cfg.router_shift or cfg.routing_control != "none"
+    cap = install_capture(worker.actor.engine, cfg) if needs_capture else None
     worker.loss_fn = functools.partial(rspo_ppo_loss, config=actor_config, rspo=cfg, capture=cap)
     worker.actor.set_loss_fn(worker.loss_fn)
     return cfg
