@@ -170,3 +170,13 @@ def test_paired_differences_hand_computed():
         paired_differences(table, ["c - a"])
     with pytest.raises(ValueError, match="is not 'arm - baseline'"):
         build(StudyConfig, {"arms": {"a": []}, "compare": ["a-b"]})
+
+
+def test_progress_of_a_resumed_run_never_goes_back():
+    """A resumed run first drops the steps logged after its last checkpoint (counted as done when the study
+    started), then logs them again: the bar advances only past the most ever seen (no negative rate)."""
+    from rspo.lab.jobs import advance
+
+    seen = {"run": 20}  # 20 steps logged before the interruption, checkpoint at 10
+    assert [advance(seen, "run", n) for n in (10, 15, 20, 21, 25)] == [0, 0, 0, 1, 4]
+    assert seen == {"run": 25}

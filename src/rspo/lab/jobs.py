@@ -32,6 +32,14 @@ class Job:
     finish: Callable[[], None]
 
 
+def advance(seen: dict[str, int], key: str, now: int) -> int:
+    """New units of one job since last seen. A resumed run first drops the steps it logged after its last
+    checkpoint (already counted as done), then logs them again: only steps beyond the most ever seen count."""
+    new = max(now - seen[key], 0)
+    seen[key] = max(seen[key], now)
+    return new
+
+
 def run_jobs(
     jobs: list[Job],
     parallel: int,
@@ -60,9 +68,7 @@ def run_jobs(
             bar.set_postfix(postfix(), refresh=False)
         for item in list(running):
             job, proc = item
-            now = job.progress()
-            bar.update(now - seen[str(job.run)])
-            seen[str(job.run)] = now
+            bar.update(advance(seen, str(job.run), job.progress()))
             if proc.poll() is not None:
                 running.remove(item)
                 if proc.returncode == 0:
