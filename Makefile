@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rspo-installed
 
-.PHONY: install demo test lint docs study study-e8k1 drift test-trl-newest test-verl stress-trl gpu-check clean
+.PHONY: install demo test lint docs study study-e8k1 drift test-trl-newest test-verl test-verl-e2e stress-trl gpu-check clean
 
 $(STAMP): pyproject.toml requirements-outside.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,17 @@ $(VERL_STAMP): pyproject.toml
 test-verl: $(VERL_STAMP)
 	$(VERL_VENV)/bin/python -m pytest -q -o addopts="-ra" -p no:cacheprovider tests/verl_plugin \
 	  tests/test_routing_capture.py tests/test_router_shift.py
+
+# verl's real `python -m verl.trainer.main_ppo` with the plugin, on CPU (tests/verl_e2e: the CPU shim, the HF
+# rollout, recipe.py's commands): GRPO, RSPO on two ranks with checkpoint/resume, RSPO+R3, the legacy trainer's
+# error. About 8 minutes here.
+VERL_E2E_STAMP := $(VERL_VENV)/.rspo-e2e-installed
+$(VERL_E2E_STAMP): $(VERL_STAMP) tests/verl_e2e/requirements.txt
+	$(VERL_VENV)/bin/python -m pip install -q -r tests/verl_e2e/requirements.txt
+	touch $(VERL_E2E_STAMP)
+
+test-verl-e2e: $(VERL_E2E_STAMP)
+	$(VERL_VENV)/bin/python -m pytest -q -o addopts="-ra" -p no:cacheprovider tests/verl_e2e --durations=0
 
 # The TRL tests against the newest TRL release on the index (the pinned one is what `make test` uses)
 test-trl-newest: $(STAMP)

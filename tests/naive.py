@@ -165,3 +165,39 @@ def router_shift(old, new, *, expert_agg="log_mean", layer_agg="geo_mean", gamma
             row.append(max(math.exp(lg), gamma_min))
         res.append(row)
     return res
+
+
+def verl_loss_from_dump(rec):
+    """Recompute one dumped verl plugin loss call (``RSPO_VERL_DUMP_DIR``) with the loops above, in float64:
+    gamma from the old and current router log-probs, the GMPO/RSPO sequence loss over the micro-batch's rows,
+    then verl's global normalisation (rows / global_batch_size * dp_size). Returns (gamma, loss, policy_loss)."""
+    if rec["objective"] not in ("rspo", "gmpo"):
+        raise ValueError(f"verl_loss_from_dump: objective {rec['objective']!r} is not recomputed here")
+    if rec["rollout_weights"] is not None:
+        raise ValueError("verl_loss_from_dump: rollout weights are not recomputed here")
+    mask = rec["mask"].double().tolist()
+    gamma = None
+    if rec["old_router_logp"] is not None:
+        opt = rec["router_shift_options"]
+        gamma = router_shift(
+            rec["old_router_logp"].double().tolist(),
+            rec["cur_router_logp"].double().tolist(),
+            expert_agg=opt["expert_agg"],
+            layer_agg=opt["layer_agg"],
+            gamma_min=opt["gamma_min"],
+        )
+    hp = rec["hparams"]
+    loss = gmpo(
+        rec["log_prob"].double().tolist(),
+        rec["old_log_probs"].double().tolist(),
+        rec["advantages"].double().tolist(),
+        mask,
+        gamma,
+        clip_low=hp["clip_low"],
+        clip_high=hp["clip_high"],
+        placement=hp.get("router_shift_placement", "after_clip"),
+        form=hp.get("router_shift_form", "weight"),
+    )
+    rows = sum(1 for row in mask if any(m > 0 for m in row))
+    info = rec["info"]
+    return gamma, loss, loss * rows / info["global_batch_size"] * int(info["dp_size"] or 1)

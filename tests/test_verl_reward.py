@@ -105,3 +105,47 @@ def test_hostile_answers_and_threads_are_bounded():
     assert all(results[i]["acc"] == 1.0 for i in range(3))
     out = compute_score("rspo/math", "\\boxed{2^{10^{12}}}", "5", {}, timeout_s=2)
     assert out["score"] == 0.0 and out["reason"] in ("reward_timeout", "wrong_answer", "reward_error")
+
+
+# ------------------------------------------------------------------------------------- the verl recipe
+def test_recipe_snippets_are_the_commands_the_end_to_end_test_runs():
+    """docs/verl-recipe.md includes docs/snippets/verl-{cpu,paper}.sh; they are rendered from
+    tests/verl_e2e/recipe.py, whose cpu command `make test-verl-e2e` runs (refresh: recipe.py --write-docs)."""
+    from tests.verl_e2e import recipe
+
+    page = (recipe.ROOT / "docs" / "verl-recipe.md").read_text()
+    for name, render in recipe.SNIPPETS.items():
+        assert (recipe.DOCS / name).read_text() == render(), (
+            f"{name} is stale: python tests/verl_e2e/recipe.py --write-docs"
+        )
+        assert f'--8<-- "docs/snippets/{name}"' in page
+
+
+@pytest.mark.parametrize("which", ["cpu", "paper"])
+def test_recipe_rspo_keys_parse(which):
+    from rspo.integrations.verl import VerlRSPOConfig
+    from tests.verl_e2e import recipe
+
+    cmd = recipe.cpu_command() if which == "cpu" else recipe.paper_command()
+    prefix = "+actor_rollout_ref.rspo."
+    keys = dict(a[len(prefix) :].split("=", 1) for a in cmd.argv if a.startswith(prefix))
+    assert keys["objective"] == "rspo"
+    cfg = VerlRSPOConfig(**{k: float(v) if k == "gamma_min" else v for k, v in keys.items()})
+    assert cfg.shift.gamma_min == 0.5 and cfg.shift.placement == "after_clip"
+
+
+def test_recipe_parses_verls_console_metrics():
+    from tests.verl_e2e.recipe import parse_metrics
+
+    log = (
+        "(TaskRunnerV1 pid=1) step:2 - actor/pg_loss:-0.125 - actor/router/gamma_mean:0.99 - "
+        "training/rollout_probs_diff_max:1.1e-06 - timing_s/step:5.5\n(TaskRunnerV1 pid=1) other line\n"
+    )
+    assert parse_metrics(log) == {
+        2: {
+            "actor/pg_loss": -0.125,
+            "actor/router/gamma_mean": 0.99,
+            "training/rollout_probs_diff_max": 1.1e-06,
+            "timing_s/step": 5.5,
+        }
+    }

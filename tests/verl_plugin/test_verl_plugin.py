@@ -173,11 +173,17 @@ def test_entry_point_loads_with_verl_and_patches_the_actor_worker():
     code = (
         "import sys, verl; print('rspo.integrations.verl_plugin' in sys.modules); "
         "import verl.workers.engine_workers as w; print(getattr(w.ActorRolloutRefWorker.init_model, "
-        "'_rspo_patched', False)); print(hasattr(w.ActorRolloutRefWorker.init_model, '__wrapped__'))"
+        "'_rspo_patched', False)); print(hasattr(w.ActorRolloutRefWorker.init_model, '__wrapped__')); "
+        "import verl.trainer.ppo.ray_trainer as t; from omegaconf import OmegaConf\n"
+        "try:\n  t.RayPPOTrainer(OmegaConf.create({'actor_rollout_ref': {'rspo': {'objective': 'rspo'}}}), None)\n"
+        "except Exception as e:\n  print(type(e).__name__ + ': ' + str(e))"
     )
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["True", "True", "True"]
+    lines = out.stdout.splitlines()
+    assert lines[:3] == ["True", "True", "True"]
+    assert lines[3] == f"ConfigError: {rv.LEGACY_TRAINER_ERROR}"  # the legacy trainer refuses the plugin's config
+    assert "trainer.use_v1=true" in lines[3]
 
 
 def test_verl_internals_we_rely_on(monkeypatch):
@@ -623,3 +629,25 @@ def test_r3_needs_the_rollouts_experts(model):
         old_pass(eng, make_batch(0))
     with pytest.raises(ValueError, match="routing_control='replay_indices'"):
         rv.VerlRSPOConfig(routing_control="replay_indices")
+
+
+def test_dump_records_what_recomputes_the_loss(tmp_path, monkeypatch):
+    """RSPO_VERL_DUMP_DIR (what the end-to-end run checks verl's logged loss with): the dumped call recomputes,
+    with the naive loops, to the loss the plugin returned."""
+    from tests.naive import verl_loss_from_dump
+
+    monkeypatch.setattr(rv, "_dump_calls", 0)
+    monkeypatch.setenv(rv.DUMP_ENV, str(tmp_path))
+    td, mo = loss_inputs(4)
+    tu.assign_non_tensor(td, batch_num_tokens=int(td["response_mask"].sum()), global_batch_size=8, dp_size=2)
+    loss, _ = rv.rspo_ppo_loss(actor_config(clip_ratio=0.4), mo, td, rspo=rv.VerlRSPOConfig())
+    (path,) = tmp_path.iterdir()
+    assert path.name == "loss-r0-00000.pt"
+    rec = torch.load(path, weights_only=False)
+    gamma, raw, scaled = verl_loss_from_dump(rec)
+    valid = rec["mask"] > 0
+    torch.testing.assert_close(rec["gamma"][valid], torch.tensor(gamma, dtype=F64)[valid], atol=1e-12, rtol=0)
+    assert float(rec["gamma"][valid].min()) < 0.99
+    assert rec["partial_sum"] is True
+    assert abs(float(rec["loss"]) - raw) < 1e-12
+    assert abs(float(loss.detach()) - scaled) < 1e-12 and abs(float(rec["policy_loss"]) - scaled) < 1e-12

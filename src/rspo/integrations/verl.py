@@ -30,8 +30,10 @@ old pass: the update finds no old router record and says so).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -436,6 +438,23 @@ def _global_scale(loss: Tensor, mask: Tensor, token_level_mean: bool, info: dict
     return loss * local / total * dp, True
 
 
+DUMP_ENV = "RSPO_VERL_DUMP_DIR"
+"""Debugging aid: with this environment variable set to a directory, every call of :func:`rspo_ppo_loss`
+saves its inputs and results there (``loss-r<rank>-<n>.pt``, ``torch.load``-able dicts of CPU tensors), so
+a logged loss can be recomputed outside verl. The CPU end-to-end tests use it."""
+_dump_calls = 0
+
+
+def _dump_loss_inputs(directory: str, **record: Any) -> None:
+    global _dump_calls
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    record = {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in record.items()}
+    path = os.path.join(directory, f"loss-r{rank}-{_dump_calls:05d}.pt")
+    os.makedirs(directory, exist_ok=True)
+    torch.save({**record, "rank": rank, "call": _dump_calls}, path)
+    _dump_calls += 1
+
+
 def rspo_ppo_loss(
     config: Any,
     model_output: dict,
@@ -477,7 +496,7 @@ def rspo_ppo_loss(
     opts = options(config, rspo)
     hp = opts.objective_hparams(norm_length=float(mask.shape[-1]))  # agg_loss's default horizon
     metrics: dict[str, Any] = {}
-    gamma = None
+    gamma = old = cur = None
     if rspo.router_shift:
         for key, src in ((OLD_LOGP, data), (CUR_LOGP, model_output)):
             if key not in src:
@@ -512,6 +531,26 @@ def rspo_ppo_loss(
     )
     token_mean = hp.get("loss_agg") == "token-mean"
     policy_loss, partial_sum = _global_scale(loss, mask, token_mean, info)
+    if os.environ.get(DUMP_ENV):
+        _dump_loss_inputs(
+            os.environ[DUMP_ENV],
+            objective=rspo.objective,
+            router_shift_options=dataclasses.asdict(rspo.shift),
+            hparams=hp,
+            info=info,
+            log_prob=log_prob,
+            old_log_probs=small["old_log_probs"],
+            advantages=small["advantages"],
+            mask=mask,
+            gamma=gamma,
+            old_router_idx=old.trace.topk_idx if old is not None else None,
+            old_router_logp=old.trace.logp if old is not None else None,
+            cur_router_logp=cur.logp if cur is not None else None,
+            rollout_weights=weights,
+            loss=loss,
+            policy_loss=policy_loss,
+            partial_sum=partial_sum,
+        )
     agg = AggregationType.SUM if partial_sum else AggregationType.MEAN
     metrics.update({k if k.startswith("router/") else f"pg/{k}": v for k, v in pg.items()})  # router/clip_frac
     metrics["pg_loss"] = Metric(value=policy_loss.detach(), aggregation=agg)
@@ -580,6 +619,30 @@ def patch_actor_worker(cls: type) -> None:
 
     init_model._rspo_patched = True
     cls.init_model = init_model
+
+
+LEGACY_TRAINER_ERROR = (
+    f"{NAMESPACE}: the rspo plugin runs in verl's v1 trainer only (trainer.use_v1=true, main_ppo's default). "
+    "The legacy RayPPOTrainer (trainer.use_v1=false, and the trainers built on it) does not carry the old "
+    "pass's router record to the update, so gamma could not be measured"
+)
+
+
+def reject_legacy_trainer(cls: type) -> None:
+    """Wrap ``cls.__init__`` (verl's legacy ``RayPPOTrainer``) to stop, before any worker starts, a run whose
+    config has the ``actor_rollout_ref.rspo`` section."""
+    if getattr(cls.__init__, "_rspo_patched", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, config, *args, **kwargs):
+        if config.get("actor_rollout_ref", {}).get("rspo") is not None:
+            raise ConfigError(LEGACY_TRAINER_ERROR)
+        original(self, config, *args, **kwargs)
+
+    __init__._rspo_patched = True
+    cls.__init__ = __init__
 
 
 VERL_INTERNALS = {

@@ -4,8 +4,9 @@ verl imports every ``verl.plugins`` entry point from ``verl/__init__.py``, in ev
 verl (driver, task runner, every Ray worker), before any of its submodules, and swallows an import error at
 DEBUG level. So this module is light and cannot fail: it imports nothing of verl and nothing heavy of ours;
 it only arranges that, when verl's actor worker module is imported, its ``init_model`` is wrapped by
-:func:`rspo.integrations.verl.patch_actor_worker`. Nothing changes unless the run's config has the
-``actor_rollout_ref.rspo`` section (see :mod:`rspo.integrations.verl`).
+:func:`rspo.integrations.verl.patch_actor_worker`, and that verl's legacy trainer, when imported, refuses a
+config with the section (:func:`rspo.integrations.verl.reject_legacy_trainer`). Nothing changes unless the
+run's config has the ``actor_rollout_ref.rspo`` section (see :mod:`rspo.integrations.verl`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ from collections.abc import Callable
 
 log = logging.getLogger("rspo.verl")
 WORKERS_MODULE = "verl.workers.engine_workers"
+LEGACY_TRAINER_MODULE = "verl.trainer.ppo.ray_trainer"
 
 
 def _patch_workers(module) -> None:
     from rspo.integrations.verl import patch_actor_worker
 
     patch_actor_worker(module.ActorRolloutRefWorker)
+
+
+def _patch_legacy_trainer(module) -> None:
+    from rspo.integrations.verl import reject_legacy_trainer
+
+    reject_legacy_trainer(module.RayPPOTrainer)
+
+
+PATCHES: dict[str, Callable] = {WORKERS_MODULE: _patch_workers, LEGACY_TRAINER_MODULE: _patch_legacy_trainer}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -62,11 +73,13 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Patch the actor worker now if verl's worker module is already imported, else right after its import."""
-    if WORKERS_MODULE in sys.modules:
-        _patch_workers(sys.modules[WORKERS_MODULE])
-    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(WORKERS_MODULE, _patch_workers))
+    """Patch each module of ``PATCHES`` now if verl has already imported it, else right after its import."""
+    hooked = {f.name for f in sys.meta_path if isinstance(f, _AfterImport)}
+    for name, patch in PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+        elif name not in hooked:
+            sys.meta_path.insert(0, _AfterImport(name, patch))
 
 
 install()
