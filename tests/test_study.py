@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -68,6 +69,27 @@ def test_smoke_study_runs_skips_resumes_and_reports(tiny_policy, tmp_path):
     assert "| grpo |" in text and "| rspo |" in text and "Collapse rule" in text and "rspo study smoke.yaml" in text
     assert (tmp_path / "study" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study" / "gamma.png").is_file() and (tmp_path / "study" / "final.png").is_file()
+    # results.json: every seed's checks and per-step traces, as logged
+    res = json.loads((tmp_path / "study" / "results.json").read_text())
+    for arm in ("grpo", "rspo"):
+        for seed in (0, 1):
+            rows = metrics(tmp_path / "study" / arm / f"seed{seed}")
+            run = res["arms"][arm]["runs"][str(seed)]
+            assert run["checks"] == [
+                {"step": r["step"], "accuracy": r["val/accuracy"], "accuracy_sampled": r["val/accuracy_sampled"]}
+                for r in rows
+            ]
+            assert run["traces"]["reward/mean"] == [[r["step"], r["reward/mean"]] for r in rows if "reward/mean" in r]
+            assert run["summary"]["final"] == rows[-1]["val/accuracy"]
+    assert res["arms"]["rspo"]["overrides"] == ["objective.name=rspo"]
+    # the heavy-drift analysis on the same study: 2 steps never reach its windows, so D is undefined and the
+    # verdict is "untestable here", said as such (not a null result)
+    from rspo.lab.drawdown import write_drawdown_report
+
+    text = write_drawdown_report(tmp_path / "study", command="rspo study smoke.yaml").read_text()
+    assert "| grpo | 2 | n/a" in text and "**Verdict: untestable here.**" in text
+    dd = json.loads((tmp_path / "study" / "drawdown" / "results.json").read_text())
+    assert dd["analysis"]["primary"]["G2"] is False and dd["data"]["arms"].keys() == {"grpo", "rspo"}
     # a report elsewhere (as docs/study/): new directory, then only with --overwrite, never a foreign one
     rep = tmp_path / "docs" / "rep"
     write_report(tmp_path / "study", out=rep)
@@ -113,6 +135,21 @@ def test_study_config_errors(tmp_path):
         write_report(tmp_path)
     with pytest.raises(ConfigError, match="reference_dir and study.reference_arms go together"):
         build(StudyConfig, {"arms": {"a": []}, "reference_dir": "runs/x"})
+    with pytest.raises(ConfigError, match="study.order must be 'arm' or 'seed'"):
+        build(StudyConfig, {"arms": {"a": []}, "order": "random"})
+
+
+def test_run_order_arm_major_or_interleaved_by_seed():
+    from rspo.lab.study import run_dirs
+
+    arms = {"grpo": [], "rspo": []}
+    cfg = build(StudyConfig, {"arms": arms, "seeds": [0, 1], "out_dir": "s"})
+    assert [(a, s) for a, s, _ in run_dirs(cfg)] == [("grpo", 0), ("grpo", 1), ("rspo", 0), ("rspo", 1)]
+    cfg = build(StudyConfig, {"arms": arms, "seeds": [0, 1], "out_dir": "s", "order": "seed"})
+    assert [(a, s, str(r)) for a, s, r in run_dirs(cfg)][:2] == [
+        ("grpo", 0, "s/grpo/seed0"),
+        ("rspo", 0, "s/rspo/seed0"),
+    ]
 
 
 def test_summarize_hand_computed_rows():

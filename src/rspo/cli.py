@@ -180,6 +180,14 @@ def _report(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _drawdown_report(args: argparse.Namespace, cfg: Any) -> int:
+    from rspo.lab.drawdown import write_drawdown_report
+
+    out = write_drawdown_report(args.study_dir, out=args.out, command=args.command_line, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def _drift_report(args: argparse.Namespace, cfg: Any) -> int:
     from rspo.lab.drift import write_drift_report
 
@@ -296,6 +304,18 @@ COMMANDS: tuple[Command, ...] = (
             _out("report.md and figures (default: STUDY_DIR)"),
             _COMMAND_LINE,
             (("--overwrite",), {"action": "store_true", "help": "replace an earlier report in --out"}),
+        ),
+    ),
+    Command(
+        "drawdown-report",
+        "the pre-registered heavy-drift analysis of a study (docs/study/heavy-drift/DESIGN.md)",
+        _drawdown_report,
+        None,
+        (
+            (("study_dir",), {}),
+            _out("report.md and results.json (default: STUDY_DIR/drawdown)"),
+            _COMMAND_LINE,
+            (("--overwrite",), {"action": "store_true", "help": "replace an earlier analysis in --out"}),
         ),
     ),
     Command(

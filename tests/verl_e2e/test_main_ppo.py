@@ -4,7 +4,8 @@ verdicts (``pkg://rspo.integrations.verl_reward``), GRPO advantages, the old-log
 per rollout batch, the weight sync back to the rollout, checkpoints, two gloo ranks.
 
 Each run is one ``main_ppo`` process (about a minute and a half here), made once per session and shared by
-the tests that read it. Every command comes from recipe.py, the source of docs/verl-recipe.md."""
+the tests that read it (about 8 minutes in all). Every command comes from recipe.py, the source of
+docs/verl-recipe.md."""
 
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ class Runs:
             self.get("rspo")
             cmd = self._cmd(ranks=2, steps=3, out=str(d / "ckpt-rspo"), extra=("trainer.resume_mode=auto",))
             return recipe.run(cmd, d, name, dump=True)
-        if name == "rspo-r3":  # rollout routing replay: the HF rollout's experts replayed in the actor
+        if name in ("rspo-r3", "grpo-r3"):  # rollout routing replay: the HF rollout's experts replayed
             cmd = self._cmd(
+                objective=name.split("-")[0],
                 steps=1,
-                out=str(d / "ckpt-r3"),
+                out=str(d / f"ckpt-{name}"),
                 rspo_keys={"routing_control": "replay_rollout"},
                 extra=("actor_rollout_ref.rollout.enable_rollout_routing_replay=true",),
             )
@@ -206,6 +208,16 @@ def test_rspo_with_rollout_routing_replay(runs):
     mbs = mini_batches(run.dumps)[0]
     g0 = gammas(mbs[0])
     assert torch.equal(g0, torch.ones_like(g0)) and float(gammas(mbs[1]).min()) < 1.0
+
+
+def test_grpo_with_rollout_routing_replay(runs):
+    """GRPO+R3 through the plugin (objective grpo, no router shift): the same replay, no gamma."""
+    run = runs.get("grpo-r3")
+    finished(run, [1])
+    m = run.metrics[1]
+    assert min(m[f"actor/router/rollout_agree_layer{layer}"] for layer in range(4)) > 0.95
+    assert "actor/router/gamma_mean" not in m
+    assert run.dumps and all(d["objective"] == "grpo" and d["gamma"] is None for d in run.dumps)
 
 
 # ------------------------------------------------------------------------------------------------- legacy

@@ -613,6 +613,11 @@ def test_r3_replays_the_rollouts_experts_in_the_old_pass_and_the_update(model, p
     _loss, out = update(eng, up, cfg)
     assert out["metrics"]["router/gamma_mean"] == 1.0  # unchanged weights: the same experts, the same router
     assert 0 <= out["metrics"]["router/rollout_disagree_tokens"] <= 1
+    agreement = {k: v for k, v in out["metrics"].items() if k.startswith("router/rollout_")}
+    # GRPO+R3 (no router shift, no gamma) reports the same agreement
+    _loss, out_grpo = update(eng, up, rv.VerlRSPOConfig(objective="grpo", routing_control="replay_rollout"))
+    assert "router/gamma_mean" not in out_grpo["metrics"]
+    assert {k: v for k, v in out_grpo["metrics"].items() if k.startswith("router/rollout_")} == agreement
     cap = eng._rspo_capture
     assert cap.step.routers.replaying  # on through the backward, until the next forward starts
     ref = make_batch(0)

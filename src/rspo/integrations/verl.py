@@ -497,6 +497,9 @@ def rspo_ppo_loss(
     hp = opts.objective_hparams(norm_length=float(mask.shape[-1]))  # agg_loss's default horizon
     metrics: dict[str, Any] = {}
     gamma = old = cur = None
+    pad = functools.partial(no_padding_2_padding, data=data)  # (B, T, L, K) at the response tokens
+    if OWN_IDX in data:  # R3, with or without router shift: the old router's own top-K against the rollout's
+        metrics.update(routing_agreement(pad(data[OLD_IDX]), pad(data[OWN_IDX]), mask, "router/rollout_"))
     if rspo.router_shift:
         for key, src in ((OLD_LOGP, data), (CUR_LOGP, model_output)):
             if key not in src:
@@ -505,7 +508,6 @@ def rspo_ppo_loss(
                     f"{NAMESPACE}: no {key!r} in the {where}: the router capture is not installed on "
                     "this engine, or the old pass did not run"
                 )
-        pad = functools.partial(no_padding_2_padding, data=data)  # (B, T, L, K) at the response tokens
         old = OldTrace(RouterTrace(pad(data[OLD_IDX]), pad(data[OLD_LOGP])))
         cur = RouterTrace(pad(model_output[CUR_IDX]), pad(model_output[CUR_LOGP]))
         routing = opts.routing_options(log=True)
@@ -513,8 +515,6 @@ def rspo_ppo_loss(
         experts = capture.step.routers.num_experts if capture is not None else None
         metrics.update(router_metrics(routing, old, cur, gamma, mask, experts, histogram=False))
         metrics["router/tokens"] = int((mask > 0).sum())
-        if OWN_IDX in data:  # R3: the old router's own top-K against the rollout's experts it replayed
-            metrics.update(routing_agreement(old.trace.topk_idx, pad(data[OWN_IDX]), mask, "router/rollout_"))
     weights = small.get("rollout_is_weights", None)
     loss, pg = compute_policy_loss(
         rspo.objective,

@@ -32,6 +32,9 @@ class StudyConfig:
     """Arm name -> overrides (e.g. rspo: [objective.name=rspo])."""
     parallel: int = 2
     """Runs at once (default: the number of cores), one torch thread each."""
+    order: str = "arm"
+    """Run order: 'arm' (every seed of the first arm, then the next arm) or 'seed' (interleaved: every arm's
+    seed 0, then every arm's seed 1, ...), so a study stopped early has paired seeds in every arm."""
     accuracy_levels: list[float] = field(default_factory=lambda: [0.35, 0.40])
     """Validation accuracies for the steps-to-reach column of the report."""
     collapse_drop: float = 0.5
@@ -58,6 +61,8 @@ class StudyConfig:
         for pair in self.compare:
             if len(pair.split(" - ")) != 2:
                 raise ValueError(f"study.compare: {pair!r} is not 'arm - baseline'")
+        if self.order not in ("arm", "seed"):
+            raise ValueError(f"study.order must be 'arm' or 'seed', got {self.order!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"study.seeds has repeated seeds: {self.seeds}")
         if not all(0 <= a <= 1 for a in self.accuracy_levels):
@@ -67,7 +72,11 @@ class StudyConfig:
 
 
 def run_dirs(cfg: StudyConfig) -> list[tuple[str, int, Path]]:
-    return [(arm, seed, Path(cfg.out_dir) / arm / f"seed{seed}") for arm in cfg.arms for seed in cfg.seeds]
+    """(arm, seed, run directory) in the study's run order."""
+    pairs = [(a, s) for a in cfg.arms for s in cfg.seeds]
+    if cfg.order == "seed":
+        pairs = [(a, s) for s in cfg.seeds for a in cfg.arms]
+    return [(arm, seed, Path(cfg.out_dir) / arm / f"seed{seed}") for arm, seed in pairs]
 
 
 def run_study(cfg: StudyConfig, progress: bool = True) -> dict[str, Any]:
