@@ -90,7 +90,8 @@ $(VERL_E2E_STAMP): $(VERL_STAMP) tests/verl_e2e/requirements.txt
 	touch $(VERL_E2E_STAMP)
 
 test-verl-e2e: $(VERL_E2E_STAMP)
-	$(VERL_VENV)/bin/python -m pytest -q -o addopts="-ra" -p no:cacheprovider tests/verl_e2e --durations=0
+	RSPO_VERL_E2E=1 $(VERL_VENV)/bin/python -m pytest -q -o addopts="-ra" -p no:cacheprovider tests/verl_e2e \
+	  --durations=0
 
 # The TRL tests against the newest TRL release on the index (the pinned one is what `make test` uses)
 test-trl-newest: $(STAMP)

@@ -345,16 +345,6 @@ def results(arms: dict[str, ArmRuns], cfg: StudyConfig) -> dict[str, Any]:
     """What the report is computed from, per seed, so anyone can recompute its intervals: every run's
     validation checks (greedy and sampled accuracy), its per-step traces (``TRACE_KEYS``) and its summary
     row. Non-finite values are null."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float):
-            return x if math.isfinite(x) else None
-        if isinstance(x, dict):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
     out: dict[str, Any] = {
         "study": {"base_config": cfg.base_config, "common": cfg.common, "collapse_drop": cfg.collapse_drop},
         "arms": {},
@@ -374,7 +364,18 @@ def results(arms: dict[str, ArmRuns], cfg: StudyConfig) -> dict[str, Any]:
                 "summary": _seed_summary(cfg, seed, rows),
             }
         out["arms"][arm] = {"overrides": a.overrides, "runs": runs}
-    return clean(out)
+    return json_ready(out)
+
+
+def json_ready(x: Any) -> Any:
+    """``x`` with non-finite floats as None and every mapping key a string (strict JSON)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    return x
 
 
 def write_report(
