@@ -82,8 +82,8 @@ test-verl: $(VERL_STAMP)
 	  tests/test_routing_capture.py tests/test_router_shift.py
 
 # verl's real `python -m verl.trainer.main_ppo` with the plugin, on CPU (tests/verl_e2e: the CPU shim, the HF
-# rollout, recipe.py's commands): GRPO, RSPO on two ranks with checkpoint/resume, RSPO+R3, the legacy trainer's
-# error. About 8 minutes here.
+# rollout, recipe.py's commands): plain GRPO; RSPO on two ranks, saved, then resumed with R3; the legacy
+# trainer's error. Four main_ppo runs, about 7 minutes here (each is mostly process start-up).
 VERL_E2E_STAMP := $(VERL_VENV)/.rspo-e2e-installed
 $(VERL_E2E_STAMP): $(VERL_STAMP) tests/verl_e2e/requirements.txt
 	$(VERL_VENV)/bin/python -m pip install -q -r tests/verl_e2e/requirements.txt

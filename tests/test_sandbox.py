@@ -35,6 +35,20 @@ def add(task):  # "Read two integers a and b on one line and print their sum."
     return next(e for e in task.eval_examples("s") if e.id == "io-sum")
 
 
+# what a program could not reach anyway, or what is rebuilt (virtual environments, the docs site, run output)
+PROJECT_SKIP = (
+    ".git",
+    ".venv",
+    ".venv-verl",
+    "build",
+    "runs",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+)
+
+
 def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):
@@ -125,7 +139,8 @@ def test_hostile_program(task, add, tmp_path, name):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     before_project = tree_digest(
-        ROOT, skip=(".git", ".venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis")
+        ROOT,
+        skip=PROJECT_SKIP,
     )
     before_tmp = tree_digest(tmp_path)
     pwned = _pwned(name)
@@ -162,7 +177,10 @@ def test_hostile_program(task, add, tmp_path, name):
     assert not any(p.exists() for p in pwned), [p for p in pwned if p.exists()]
     assert tree_digest(tmp_path) == before_tmp
     assert (
-        tree_digest(ROOT, skip=(".git", ".venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"))
+        tree_digest(
+            ROOT,
+            skip=PROJECT_SKIP,
+        )
         == before_project
     )
     survivors = [p for p in os.listdir("/proc") if p.isdigit() and b"987654" in _cmdline(p)]
