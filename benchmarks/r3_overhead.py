@@ -5,7 +5,8 @@ float32 trainer, 16 prompts x 8 responses, 4 updates per rollout batch, the same
 step, a learning rate small enough that the two stay alike. One arm replays the rollout's experts (recording
 them during generation, replaying them in the old pass and every update), the other does not; the per-step
 diagnostics forward is off in both. Steps alternate; medians per phase and the whole-step ratio are printed
-(target: at most 3% on the step), with the routed experts' bytes per token.
+(target: at most 3% on the step), per step and per token (the arms' response lengths drift apart), with the
+routed experts' bytes per token.
 
     python benchmarks/r3_overhead.py [--steps 8]
 """
@@ -53,6 +54,7 @@ def one_step(tr: Trainer, step: int) -> tuple[dict[str, float], int, int]:
     tr.update(b)
     t.append(time.perf_counter())
     phases = {"generate": t[1] - t[0], "score_old_pass": t[2] - t[1], "update": t[3] - t[2], "step": t[3] - t[0]}
+    phases["tokens"] = float(b.attention_mask.sum())  # prompt + response: the two arms' lengths may drift apart
     nbytes = 0 if b.routed_experts is None else b.routed_experts.numel() * b.routed_experts.element_size()
     return phases, nbytes, int(b.attention_mask.sum())
 
@@ -78,7 +80,15 @@ def main() -> None:
     for ph in ("generate", "score_old_pass", "update", "step"):
         a = statistics.median(r[ph] for r in res["plain"])
         b = statistics.median(r[ph] for r in res["r3"])
-        print(f"{ph:15s} without R3 {a * 1e3:8.1f} ms   with R3 {b * 1e3:8.1f} ms   ratio {b / a:.3f}")
+        # per token as well: both arms start from the same prompts and seeds, but their responses' lengths differ
+        pa = statistics.median(r[ph] / r["tokens"] for r in res["plain"])
+        pb = statistics.median(r[ph] / r["tokens"] for r in res["r3"])
+        print(
+            f"{ph:15s} without R3 {a * 1e3:8.1f} ms   with R3 {b * 1e3:8.1f} ms   ratio {b / a:.3f}"
+            f"   per token: {pa * 1e6:7.1f} / {pb * 1e6:7.1f} us, ratio {pb / pa:.3f}"
+        )
+    for arm in ("plain", "r3"):
+        print(f"tokens per step ({arm}): median {statistics.median(r['tokens'] for r in res[arm]):.0f}")
     print(f"routed experts: {size[0]} bytes for {size[1]} tokens ({size[0] / size[1]:.1f} B/token: L x k one-byte ids)")
 
 
