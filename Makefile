@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rspo-installed
 
-.PHONY: install demo test lint docs study study-e8k1 drift test-trl-newest test-verl test-verl-e2e stress-trl gpu-check clean
+.PHONY: install demo test lint docs study study-e8k1 drift test-trl-newest verl-env test-verl test-verl-e2e stress-trl \
+  megatron-env test-megatron gpu-check clean
 
 $(STAMP): pyproject.toml requirements-outside.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,9 +90,29 @@ $(VERL_E2E_STAMP): $(VERL_STAMP) tests/verl_e2e/requirements.txt
 	$(VERL_VENV)/bin/python -m pip install -q -r tests/verl_e2e/requirements.txt
 	touch $(VERL_E2E_STAMP)
 
+# verl's environment alone (both stamps): `.ci/run` builds it while `make test` runs (it is mostly downloads).
+verl-env: $(VERL_E2E_STAMP)
+
 test-verl-e2e: $(VERL_E2E_STAMP)
 	RSPO_VERL_E2E=1 $(VERL_VENV)/bin/python -m pytest -q -o addopts="-ra" -p no:cacheprovider tests/verl_e2e \
 	  --durations=0
+
+# The Megatron-Core adapter (rspo.integrations.megatron) on a tiny GPTModel with MoE layers, on CPU, in its own
+# venv: `pip install rspo[megatron]` (Megatron-Core 0.16.x: torch, numpy, packaging) next to the same CPU torch.
+# The CPU patches live in tests/megatron/mcore_cpu.py. About 1 min to set up, under 1 min to run.
+MEGATRON_VENV ?= .venv-megatron
+MEGATRON_STAMP := $(MEGATRON_VENV)/.rspo-installed
+$(MEGATRON_STAMP): pyproject.toml
+	test -x $(MEGATRON_VENV)/bin/python || $(PYTHON) -m venv $(MEGATRON_VENV)
+	$(MEGATRON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MEGATRON_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(MEGATRON_VENV)/bin/python -m pip install -q -e ".[megatron]" pytest hypothesis
+	touch $(MEGATRON_STAMP)
+
+megatron-env: $(MEGATRON_STAMP)
+
+test-megatron: $(MEGATRON_STAMP)
+	$(MEGATRON_VENV)/bin/python -m pytest -q -o addopts="-ra" -p no:cacheprovider -p no:warnings tests/megatron
 
 # The TRL tests against the newest TRL release on the index (the pinned one is what `make test` uses)
 test-trl-newest: $(STAMP)
@@ -113,4 +134,4 @@ gpu-check:
 	PYTHONPATH=src python3 benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VERL_VENV) $(MEGATRON_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -65,7 +65,7 @@ class RouterTrace:
     """Router record of one forward, per kept token and MoE layer.
 
     topk_idx: ``(B, T, L, K)`` expert indices (smallest integer dtype).
-    logp: ``(B, T, L, K)`` float32 router log-probs at those experts (with grad only from
+    logp: ``(B, T, L, K)`` float32 (float64 for a float64 router) router log-probs at those experts (with grad only from
         ``gather(..., keep_grad=True)``).
     weights: ``(B, T, L, k)`` the weights the experts received, in the router's dtype (kept by
         ``capture(weights=True)``, needed by ``replay(mode='logits')``), else None.
@@ -261,7 +261,7 @@ class MoERouters:
                     if positions is not None:
                         sel_bs, lp_bs = sel_bs[:, positions], lp_bs[:, positions]
                     rec.idx[layer].append(sel_bs.to(self.idx_dtype))
-                    rec.logp[layer].append(lp_bs.float())
+                    rec.logp[layer].append(lp_bs if lp_bs.dtype == torch.float64 else lp_bs.float())
                     if rec.weights is not None:
                         w_bs = self._to_bs(w.detach())
                         rec.weights[layer].append(w_bs if positions is None else w_bs[:, positions])

@@ -42,8 +42,7 @@ class RouterFamily:
 
     def log_probs(self, logits: Tensor) -> Tensor:
         """Router log-probabilities over all experts, ``(N, E)`` float32 (log-sigmoid for sigmoid routers)."""
-        x = logits.float()
-        return torch.nn.functional.logsigmoid(x) if self.score == "sigmoid" else torch.log_softmax(x, dim=-1)
+        return score_log_probs(self.score, logits)
 
     def selection_scores(self, router: nn.Module, logits: Tensor) -> Tensor:
         """The scores whose top-k the family selects (used only when K differs from the model's top-k)."""
@@ -152,9 +151,20 @@ def _split_moe_forward(moe: nn.Module, hidden_states: Tensor) -> Tensor:
     return out + moe.shared_experts(residuals)
 
 
-def router_log_probs_at(family: RouterFamily, logits: Tensor, idx: Tensor, prob: RouterProb = "full") -> Tensor:
-    """log r at experts ``idx`` ``(N, K)`` from logits ``(N, E)``: full probability or renormalised over idx."""
-    lp = family.log_probs(logits).gather(-1, idx)
+def score_log_probs(score: Literal["softmax", "sigmoid"], logits: Tensor) -> Tensor:
+    """Router log-probabilities over all experts ``(N, E)`` under a score function: log-softmax, or log-sigmoid
+    (each expert's own score); float32, or float64 for float64 logits."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.nn.functional.logsigmoid(x) if score == "sigmoid" else torch.log_softmax(x, dim=-1)
+
+
+def router_log_probs_at(
+    family: RouterFamily | Literal["softmax", "sigmoid"], logits: Tensor, idx: Tensor, prob: RouterProb = "full"
+) -> Tensor:
+    """log r at experts ``idx`` ``(N, K)`` from logits ``(N, E)``: full probability or renormalised over idx.
+    ``family``: a transformers family, or a score function by name (Megatron-Core's routers)."""
+    score = family if isinstance(family, str) else family.score
+    lp = score_log_probs(score, logits).gather(-1, idx)
     if prob == "topk_renorm":
         lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
     return lp

@@ -176,9 +176,13 @@ class RoutingStep:
     nothing needs a router; asking it for router shift, a routing control or router logging is an error
     naming the model class."""
 
-    def __init__(self, model: nn.Module, opts: RoutingOptions) -> None:
+    def __init__(self, model: nn.Module, opts: RoutingOptions, routers: MoERouters | None = None) -> None:
         self.opts = opts
         needs = opts.shift or opts.control != "none"
+        if routers is not None:  # another engine's routers with MoERouters' interface (Megatron-Core)
+            self.routers = routers if needs or opts.log is not False else None
+            self._check(opts)
+            return
         if not is_moe(model):
             if needs or opts.log:
                 if looks_moe(model):
@@ -190,6 +194,11 @@ class RoutingStep:
         self.routers = MoERouters(model, top_k=opts.top_k, prob=opts.prob)
         if not (needs or opts.log is not False):
             self.routers = None
+            return
+        self._check(opts)
+
+    def _check(self, opts: RoutingOptions) -> None:
+        if self.routers is None:
             return
         if opts.control == "freeze":
             self.routers.freeze()
@@ -235,7 +244,8 @@ class RoutingStep:
             finally:
                 self.routers.stop_replay()
             return
-        with self.routers.capture(positions=None if self.replay else resp, weights=self.replay, chunks=chunks) as rec:
+        weights = self.opts.control == "replay_logits"  # replay_indices (R2) replays the experts only
+        with self.routers.capture(positions=None if self.replay else resp, weights=weights, chunks=chunks) as rec:
             yield rec
 
     def old_trace(self, trace: RouterTrace | None, resp: slice, rollout: Tensor | None = None) -> OldTrace | None:
