@@ -4,13 +4,20 @@ in its own environment: Megatron-Core 0.16.x next to CPU torch; the CPU patches 
 from __future__ import annotations
 
 import copy
+import itertools
 import types
 
 import pytest
 import torch
 
 from rspo.errors import ConfigError
-from rspo.integrations.megatron import MegatronRouters, check_config, megatron_routing_step, policy_loss
+from rspo.integrations.megatron import (
+    MegatronRouters,
+    check_config,
+    megatron_routing_step,
+    policy_loss,
+    unpack_packed,
+)
 from rspo.objectives import compute_policy_loss
 from rspo.options import ObjectiveOptions, Options, RouterShiftOptions
 from rspo.routing import MoERouters, OldTrace, RoutingOptions, RoutingStep, router_gamma
@@ -132,6 +139,35 @@ def test_capture_at_response_positions_and_micro_batches_concatenate(ids):
         h.forward(m, ids[1:])
     assert torch.equal(parts.trace.topk_idx, whole.trace.topk_idx[:, RESP])
     torch.testing.assert_close(parts.trace.logp, whole.trace.logp[:, RESP], rtol=0, atol=1e-12)
+
+
+def test_a_packed_row_traces_like_its_sequences_run_alone(ids):
+    """Packing (THD) as a block-diagonal causal mask with positions restarting per sequence (Megatron's packed
+    attention needs Transformer Engine): the packed row's trace, unpacked, equals each sequence's own."""
+    m = model()
+    step = megatron_routing_step(m, opts())
+    lens = [10, 6, 8]
+    seqs = [ids[0, :10], ids[1, :6], ids[2, :8]]
+    cu = [0, 10, 16, 24]
+    packed = torch.cat(seqs)[None]  # (1, 24)
+    mask = torch.ones(24, 24, dtype=torch.bool)
+    for a, b in itertools.pairwise(cu):
+        mask[a:b, a:b] = torch.triu(torch.ones(b - a, b - a, dtype=torch.bool), diagonal=1)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad(), step.capture(None) as rec:
+        m(input_ids=packed, position_ids=pos, attention_mask=mask[None, None])
+    got = unpack_packed(rec.trace.topk_idx, cu, 10)
+    got_lp = unpack_packed(rec.trace.logp, cu, 10, fill=float("nan"))
+    for i, seq in enumerate(seqs):
+        with torch.no_grad(), step.capture(None) as alone:
+            h.forward(m, seq[None])
+        n = lens[i]
+        assert torch.equal(got[i, :n].sort(-1).values, alone.trace.topk_idx[0].sort(-1).values)
+        order = lambda t: t.sort(-1).values  # noqa: E731  (experts in ascending id: logp in that order)
+        torch.testing.assert_close(order(got_lp[i, :n]), order(alone.trace.logp[0]), rtol=0, atol=1e-10)
+        assert bool(torch.isnan(got_lp[i, n:]).all())
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        unpack_packed(rec.trace.topk_idx, [0, 12, 11], 12)
 
 
 # ------------------------------------------------------------------------------------------------- gamma

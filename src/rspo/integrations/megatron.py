@@ -37,7 +37,7 @@ experts used, replayed ones included). The probability gamma uses, per score fun
 ``prob='topk_renorm'`` renormalises over the old top-K set: for the default softmax router that is exactly the
 weight Megatron gave the expert. Hidden states are sequence-first ``[S, B, H]`` (token ``s * B + b``); traces are
 ``(B, S, L, K)`` like the forward's ``input_ids`` ``(B, S)``. A packed (THD) batch is one row ``(1, T_total)``: the
-trace follows the packed tokens, as the engine's packed log-probs do; unpacking both is the engine's step.
+trace follows the packed tokens, as the engine's packed log-probs do; :func:`unpack_packed` unpacks both.
 
 Routing replay uses Megatron-Core's own ``RouterReplay`` (``moe_enable_routing_replay=True``): before each
 forward of a replayed layer the pre-hook sets that router's target indices and the ``REPLAY_FORWARD`` action,
@@ -56,6 +56,7 @@ before the loss, divided by the model's MoE layer count: an extra reduction this
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -426,6 +427,23 @@ class MegatronRouters:
         self._replay = None
 
 
+def unpack_packed(packed: Tensor, cu_seqlens: Tensor | list[int], seq_len: int, fill: float | int = 0) -> Tensor:
+    """A packed (THD) row ``(1, T_total, ...)`` -> right-padded rows ``(B, seq_len, ...)``: sequence i is
+    ``packed[0, cu_seqlens[i]:cu_seqlens[i + 1]]`` (the engine's cumulative lengths, padded ones included if it
+    pads each sequence). For a router trace's ``topk_idx``/``logp`` and the log-probs alike."""
+    cu = [int(c) for c in cu_seqlens]
+    if packed.dim() < 2 or packed.shape[0] != 1:
+        raise ValueError(f"a packed tensor is (1, T_total, ...), got shape {tuple(packed.shape)}")
+    if cu[0] != 0 or any(b < a for a, b in itertools.pairwise(cu)) or cu[-1] > packed.shape[1]:
+        raise ValueError(f"cu_seqlens {cu} must start at 0, not decrease and end within T_total={packed.shape[1]}")
+    if max(b - a for a, b in itertools.pairwise(cu)) > seq_len:
+        raise ValueError(f"a packed sequence is longer than seq_len={seq_len}")
+    out = torch.full((len(cu) - 1, seq_len, *packed.shape[2:]), fill, dtype=packed.dtype, device=packed.device)
+    for i, (a, b) in enumerate(itertools.pairwise(cu)):
+        out[i, : b - a] = packed[0, a:b]
+    return out
+
+
 def megatron_routing_step(model: nn.Module, options: Options, log: bool | None = None) -> RoutingStep:
     """rspo's routing step (:class:`rspo.routing.RoutingStep`) on a Megatron-Core model, with the run's
     options: the same gamma, replay controls and router metrics as ``rspo train``. The model's config is
@@ -499,4 +517,4 @@ def policy_loss(
     return loss, metrics
 
 
-__all__ = ["MegatronRouters", "check_config", "megatron_routing_step", "policy_loss"]
+__all__ = ["MegatronRouters", "check_config", "megatron_routing_step", "policy_loss", "unpack_packed"]
