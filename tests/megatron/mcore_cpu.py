@@ -13,7 +13,14 @@ Megatron release that moves one fails here by name instead of silently testing s
 4. ``megatron.core.jit``: ``jit_fuser`` is ``torch.compile``; disabled (no inductor on this CPU).
 5. ``utils.GlobalMemoryBuffer.get_tensor`` (attention's scratch buffer) allocates on
    ``torch.cuda.current_device()``: the same on CPU.
-6. ``utils.get_default_causal_mask`` builds its mask on ``cuda``: the tests pass an explicit attention mask.
+6. ``torch_norm.WrappedTorchNorm`` (the local spec's norm) refuses ``sequence_parallel`` (Apex and Transformer
+   Engine norms support it): the same torch norm, its parameters marked ``sequence_parallel`` as Megatron's own
+   norms mark them (their gradients are then summed over the tensor-parallel group by Megatron's finalize step,
+   which these tests do not run).
+7. ``tensor_parallel.mappings`` (the sequence-parallel gathers and scatters) and ``tensor_parallel.layers`` (the
+   parallel linears' backward under sequence parallelism) allocate on ``torch.cuda.current_device()``: those two
+   modules see a ``torch`` whose ``cuda.current_device()`` is ``"cpu"``.
+8. ``utils.get_default_causal_mask`` builds its mask on ``cuda``: the tests pass an explicit attention mask.
 
 The model: the local layer spec (no Transformer Engine), learned absolute positions (rotary embedding moves to
 cuda), the allgather dispatcher (alltoall creates a CUDA stream), SequentialMLP experts, float32 or float64,
@@ -66,6 +73,24 @@ class _NullTracker:
     @contextlib.contextmanager
     def fork(self, name: str = "model-parallel-rng"):
         yield
+
+
+class _CpuCuda:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> str:
+        return "cpu"
+
+
+class _CpuTorch:
+    """``torch`` for one Megatron module, with ``torch.cuda.current_device()`` on CPU."""
+
+    cuda = _CpuCuda()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
 
 
 _PATCHED = False
@@ -137,6 +162,36 @@ def patch() -> None:
         return buf[:n].view(*tensor_shape)
 
     utils.GlobalMemoryBuffer.get_tensor = get_tensor
+
+    # 6. the torch norm under sequence parallelism
+    from megatron.core.transformer import torch_norm
+
+    _expect(
+        "sequence parallel not supported" in _src(torch_norm.WrappedTorchNorm.__new__),
+        "torch_norm.WrappedTorchNorm no longer refuses sequence_parallel",
+    )
+    refuse = torch_norm.WrappedTorchNorm.__new__
+
+    def wrapped_norm(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        if not config.sequence_parallel:
+            return refuse(cls, config, hidden_size, eps, *args, **kwargs)
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = wrapped_norm
+
+    # 7. the tensor-parallel mappings' and linears' buffers
+    from megatron.core.tensor_parallel import layers, mappings
+
+    for mod in (mappings, layers):
+        _expect(
+            "device=torch.cuda.current_device()" in _src(mod),
+            f"{mod.__name__} no longer allocates on torch.cuda.current_device()",
+        )
+        mod.torch = _CpuTorch()
     _PATCHED = True
 
 

@@ -419,7 +419,6 @@ def test_selective_recompute_of_the_moe_module_gives_the_same_trace_gamma_and_gr
         ({"context_parallel_size": 2}, "context_parallel_size>1"),
         ({"pipeline_model_parallel_size": 2}, "pipeline_model_parallel_size>1"),
         ({"virtual_pipeline_model_parallel_size": 2}, "virtual_pipeline_model_parallel_size"),
-        ({"tensor_model_parallel_size": 2}, "tensor_model_parallel_size>1"),
     ],
 )
 def test_each_unsupported_megatron_option_is_an_error_naming_it(changes, named):
@@ -447,6 +446,11 @@ def test_replay_and_top_k_options_are_checked_against_the_model_by_name():
     check_config(config, replay=False, own_top_k=False)  # capture alone reads routing_map: fine
     with pytest.raises(ValueError, match=r"replay_rollout replays the rollout's 2 experts per layer"):
         megatron_routing_step(model(moe_enable_routing_replay=True), opts(control="replay_rollout", top_k=3))
+    config = copy.copy(model().config)
+    config.tensor_model_parallel_size, config.sequence_parallel = 2, True
+    check_config(config, replay=False, own_top_k=False)  # sequence shards are gathered
+    with pytest.raises(ConfigError, match="sequence_parallel with tensor_model_parallel_size>1"):
+        check_config(config, replay=False, own_top_k=False, keep_grad=True)
     with pytest.raises(ValueError, match="router_shift is given but router shift is off"):
         policy_loss(
             torch.zeros(1, 2),
@@ -527,3 +531,78 @@ def test_the_hf_path_and_the_megatron_path_give_the_same_gamma(ids):
     assert float(gamma_m.min()) < 1
     torch.testing.assert_close(gamma_h, gamma_m, rtol=0, atol=1e-12)
     assert isinstance(mstep.routers, MegatronRouters)
+
+
+# ------------------------------------------------------------------------------------------------- TP = 2
+def _all_gather_seq(t: torch.Tensor) -> torch.Tensor:
+    """The test's own gather of sequence shards (``[S_loc, ...]`` in rank order), independent of rspo's."""
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def _tensor_parallel_worker(rank: int, port: int) -> None:
+    import os
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        h.patch()
+        from megatron.core import parallel_state
+
+        parallel_state.initialize_model_parallel(2, 1)
+        m = model(tensor_model_parallel_size=2, sequence_parallel=True, moe_enable_routing_replay=True)
+        ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(1))
+        step = megatron_routing_step(m, opts(control="replay_indices"))
+        spy = Spy(m)
+        with torch.no_grad(), step.capture(RESP) as rec:
+            h.forward(m, ids)
+        spy.remove()
+        old = step.old_trace(rec.trace, RESP)
+        assert old.full.topk_idx.shape == (B, S, 2, 2)
+        for layer, r in enumerate(routers_of(m)):
+            local = spy.inputs[layer][0]
+            assert local.shape[0] == S // 2  # this rank routed half of the sequence
+            hidden = _all_gather_seq(local)  # [S, B, H]
+            used = _all_gather_seq(spy.maps[layer][0].reshape(S // 2, B, -1).to(torch.int64)).reshape(S * B, -1)
+            want = experts_bs(used.bool(), 2)
+            assert torch.equal(old.full.topk_idx[:, :, layer].long().sort(-1).values, want)
+            ref = naive_logp(hidden[RESP], r.weight, old.trace.topk_idx[:, :, layer].long())
+            torch.testing.assert_close(old.trace.logp[:, :, layer], ref, rtol=0, atol=1e-12)
+
+        nudge_routers(m, 2.0)  # the same nudge on both ranks: routers are replicated
+        spy = Spy(m)
+        with step.forward(old, RESP) as cur:
+            logits = h.forward(m, ids)
+        logits.sum().backward()
+        step.end()
+        spy.remove()
+        shard = slice(rank * (S // 2), (rank + 1) * (S // 2))
+        for layer in range(2):
+            local_map = spy.maps[layer][0].reshape(S // 2, B, -1)
+            for s_loc in range(S // 2):
+                for b in range(B):
+                    got = sorted(local_map[s_loc, b].nonzero().flatten().tolist())
+                    assert got == sorted(old.full.topk_idx[b, shard][s_loc, layer].long().tolist())
+        gamma = step.gamma(old, cur.trace)
+        assert float(gamma.min()) < 1
+        both = [torch.empty_like(gamma) for _ in range(2)]
+        torch.distributed.all_gather(both, gamma)
+        assert torch.equal(both[0], both[1])  # every tensor-parallel rank weighs its loss alike
+        assert all(float(r.weight.grad.abs().sum()) > 0 for r in routers_of(m))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tensor_and_sequence_parallel_ranks_gather_the_full_sequence_and_replay_their_shard():
+    """Two gloo processes, tensor_model_parallel_size=2 with sequence parallelism: each rank's routers see half of
+    the sequence; each rank's trace is the whole sequence's (checked against the test's own gather of the routers'
+    inputs and routing maps), R2 replays each rank's shard, and gamma is identical on both ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_tensor_parallel_worker, args=(port,), nprocs=2, join=True)

@@ -44,10 +44,14 @@ forward of a replayed layer the pre-hook sets that router's target indices and t
 so a recompute of the MoE module in backward replays the same experts. R2 (``replay_indices``) replays the old
 pass's experts, R3 (``replay_rollout``) the rollout engine's; the weights come from the current router.
 
+Tensor parallelism with sequence parallelism: each rank's routers see a contiguous shard of the sequence; the
+capture gathers the shards over the tensor-parallel group (every rank then holds the whole sequence's trace, as
+its loss holds the whole sequence's log-probs) and replay sets each rank's shard of the targets.
+
 Rejected by name (:func:`check_config`), with why: full-layer recompute, the options that make the router's
 input or top-K differ from what the hooks see (input jitter, forced balancing, sinkhorn, token dropping, fused
-routing under replay), CUDA graphs, multi-token prediction, and the parallel layouts not built yet: tensor or
-sequence parallel across ranks, context parallel, pipeline stages. Gamma is a mean over all MoE layers of each
+routing under replay), CUDA graphs, multi-token prediction, gamma with gradient under sequence parallelism, and
+the parallel layouts not built yet: context parallel and pipeline stages. Gamma is a mean over all MoE layers of each
 token; with pipeline stages the loss on the last stage sees only its own routers. Combining stages needs each
 stage's per-token sum of log g_l (stop-gradient: no gradient crosses stages) summed over the pipeline group
 before the loss, divided by the model's MoE layer count: an extra reduction this adapter does not do yet.
@@ -95,10 +99,11 @@ def _world(group_getter: str) -> int:
         return 1
 
 
-def check_config(config: Any, *, replay: bool, own_top_k: bool) -> None:
+def check_config(config: Any, *, replay: bool, own_top_k: bool, keep_grad: bool = False) -> None:
     """Reject, naming the option, each Megatron-Core setting under which the router capture, gamma or replay
     would be wrong. ``replay``: a routing replay is requested; ``own_top_k``: the router's own top-K must be
-    recomputed from its logits (a stored K other than the model's, or diagnostics under replay)."""
+    recomputed from its logits (a stored K other than the model's, or diagnostics under replay); ``keep_grad``:
+    gamma keeps its gradient (``router_shift.stop_gradient=false``, an ablation)."""
 
     def get(name: str, default: Any = None) -> Any:
         return getattr(config, name, default)
@@ -149,11 +154,11 @@ def check_config(config: Any, *, replay: bool, own_top_k: bool) -> None:
     if get("virtual_pipeline_model_parallel_size"):
         bad("virtual_pipeline_model_parallel_size", "interleaved pipeline stages: not supported yet")
     tp = max(int(get("tensor_model_parallel_size", 1) or 1), _world("get_tensor_model_parallel_world_size"))
-    if tp > 1:
+    if tp > 1 and get("sequence_parallel") and keep_grad:
         bad(
-            "tensor_model_parallel_size>1",
-            "with sequence parallelism each rank's routers see a shard of the sequence (a gather over the "
-            "tensor-parallel group is not built yet); not supported yet",
+            "sequence_parallel with tensor_model_parallel_size>1",
+            "router_shift.stop_gradient=false (the ablation) needs gamma's gradient through the gather of the "
+            "sequence shards, which is not built; keep the stop-gradient or turn sequence parallelism off",
         )
 
 
@@ -165,7 +170,7 @@ class MegatronRouters:
         model: a Megatron-Core model (``GPTModel``, or a DDP/Float16 wrapper around one) with MoE layers.
         top_k: K old experts per layer; defaults to ``moe_router_topk``.
         prob: ``full`` (softmax over all experts, or the sigmoid score) or ``topk_renorm``.
-        replay: whether the run replays routing (checked against the config now).
+        replay, keep_grad: whether the run replays routing and keeps gamma's gradient (checked now).
     """
 
     def __init__(
@@ -175,6 +180,7 @@ class MegatronRouters:
         prob: RouterProb = "full",
         *,
         replay: bool = False,
+        keep_grad: bool = False,
     ) -> None:
         self.model = model
         self.layers = _moe_layers(model)
@@ -194,11 +200,22 @@ class MegatronRouters:
         if prob not in ("full", "topk_renorm"):
             raise ValueError(f"prob={prob!r}; valid values: full, topk_renorm")
         self.prob: RouterProb = prob
-        check_config(config, replay=replay, own_top_k=replay or self.top_k != self.model_top_k)
+        check_config(config, replay=replay, own_top_k=replay or self.top_k != self.model_top_k, keep_grad=keep_grad)
         self.idx_dtype = index_dtype(self.num_experts)
         self.logits_dtype = torch.float64 if config.moe_router_dtype == "fp64" else torch.float32
         self._replay: RouterTrace | None = None
         self._replay_handles: list = []
+        # sequence parallelism: each tensor-parallel rank routes a contiguous shard of the sequence (rank r holds
+        # positions r * S_loc ... (r + 1) * S_loc - 1); traces are gathered so every rank holds the full sequence,
+        # as its loss does
+        self.sp_group = None
+        self.sp_rank, self.sp_size = 0, 1
+        if config.sequence_parallel and _world("get_tensor_model_parallel_world_size") > 1:
+            from megatron.core import parallel_state
+
+            self.sp_group = parallel_state.get_tensor_model_parallel_group()
+            self.sp_rank = parallel_state.get_tensor_model_parallel_rank()
+            self.sp_size = parallel_state.get_tensor_model_parallel_world_size()
 
     @property
     def num_layers(self) -> int:
@@ -227,6 +244,16 @@ class MegatronRouters:
             x = hidden.reshape(-1, hidden.shape[-1]).to(dt)
             bias = None if r.bias is None else r.bias.to(dt)
             return torch.nn.functional.linear(x, r.weight.to(dt), bias)
+
+    def _gather_seq(self, t: Tensor) -> Tensor:
+        """Sequence-first rows of this rank's shard ``(S_loc * B, ...)`` -> the full sequence's ``(S * B, ...)``
+        (no gradient; identity without sequence parallelism)."""
+        if self.sp_group is None:
+            return t
+        with torch.no_grad():
+            out = torch.empty((t.shape[0] * self.sp_size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            torch.distributed.all_gather_into_tensor(out, t.contiguous(), group=self.sp_group)
+        return out
 
     def _own_top_k(self, logits: Tensor, k: int) -> Tensor:
         """The router's own top-k from its logits (softmax and sigmoid are monotone in the logit)."""
@@ -297,13 +324,14 @@ class MegatronRouters:
         rec = _Recorder(self.num_layers, positions, concat_dim=0)
 
         def on_logits(layer: int, hidden: Tensor) -> tuple:
-            return self._logits(layer, hidden, grad=False), hidden.shape[0], hidden.shape[1]
+            logits = self._gather_seq(self._logits(layer, hidden, grad=False))
+            return logits, hidden.shape[0] * self.sp_size, hidden.shape[1]
 
         def on_map(layer: int, state: tuple, routing_map: Tensor) -> None:
             logits, s, b = state
             with torch.no_grad():
                 if self.top_k == self.model_top_k and not self.replaying:
-                    sel = self._experts(routing_map, layer)
+                    sel = self._gather_seq(self._experts(routing_map, layer))
                 else:
                     sel = self._own_top_k(logits, self.top_k)
                 lp = router_log_probs_at(self.score, logits, sel, self.prob) if logp else sel[:, :0].float()
@@ -331,8 +359,8 @@ class MegatronRouters:
         offsets = [0] * self.num_layers
 
         def on_logits(layer: int, hidden: Tensor) -> tuple:
-            s, b = hidden.shape[0], hidden.shape[1]
-            logits = self._logits(layer, hidden, grad=keep_grad)
+            s, b = hidden.shape[0] * self.sp_size, hidden.shape[1]
+            logits = self._gather_seq(self._logits(layer, hidden, grad=keep_grad))
             logits_bs = self._to_bs(logits, s, b)
             if positions is not None:
                 logits_bs = logits_bs[:, positions]
@@ -355,7 +383,7 @@ class MegatronRouters:
         def on_map(layer: int, state: tuple, routing_map: Tensor) -> None:
             lp, own, s, b = state
             if own is None:
-                own = self._to_bs(self._experts(routing_map.detach(), layer), s, b)
+                own = self._to_bs(self._gather_seq(self._experts(routing_map.detach(), layer)), s, b)
                 if positions is not None:
                     own = own[:, positions]
             rec.logp[layer].append(lp)
@@ -400,18 +428,20 @@ class MegatronRouters:
 
     def _set_replay_target(self, layer: int, hidden: Tensor) -> None:
         trace = self._replay
-        s, b = hidden.shape[0], hidden.shape[1]
+        s_loc, b = hidden.shape[0], hidden.shape[1]
+        s = s_loc * self.sp_size
         stored = trace.topk_idx[:, :, layer]  # (B, S, k)
         if tuple(stored.shape[:2]) != (b, s):
             raise ValueError(
                 f"replay trace has {tuple(stored.shape[:2])} (B, S) tokens at MoE layer {layer}, the forward "
                 f"({b}, {s}): replay needs a full-sequence trace of exactly this batch"
             )
-        idx = stored.long()
+        shard = slice(self.sp_rank * s_loc, (self.sp_rank + 1) * s_loc)  # this rank's positions
+        idx = stored[:, shard].long()  # (B, S_loc, k)
         if trace.known is not None:  # positions without a record keep the router's own experts
-            own = self._to_bs(self._own_top_k(self._logits(layer, hidden, grad=False), self.model_top_k), s, b)
-            idx = torch.where(trace.known[:, :, None], idx, own)
-        target = idx.transpose(0, 1).reshape(s * b, -1).to(hidden.device)  # sequence-first, as the router
+            own = self._own_top_k(self._logits(layer, hidden, grad=False), self.model_top_k)
+            idx = torch.where(trace.known[:, shard, None], idx, self._to_bs(own, s_loc, b))
+        target = idx.transpose(0, 1).reshape(s_loc * b, -1).to(hidden.device)  # sequence-first, as the router
         rr = self.routers[layer].router_replay
         rr.clear_indices()
         rr.set_target_indices(target)
@@ -455,7 +485,7 @@ def megatron_routing_step(model: nn.Module, options: Options, log: bool | None =
             "(replay_indices, R2, or replay_rollout, R3)"
         )
     replay = ro.control in ("replay_indices", "replay_rollout")
-    routers = MegatronRouters(model, ro.top_k, ro.prob, replay=replay)
+    routers = MegatronRouters(model, ro.top_k, ro.prob, replay=replay, keep_grad=not ro.stop_gradient)
     return RoutingStep(model, ro, routers=routers)
 
 
