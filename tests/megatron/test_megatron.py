@@ -541,7 +541,7 @@ def _all_gather_seq(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _tensor_parallel_worker(rank: int, port: int) -> None:
+def _parallel_worker(rank: int, port: int, tp: int, ep: int) -> None:
     import os
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -550,9 +550,19 @@ def _tensor_parallel_worker(rank: int, port: int) -> None:
         h.patch()
         from megatron.core import parallel_state
 
-        parallel_state.initialize_model_parallel(2, 1)
-        m = model(tensor_model_parallel_size=2, sequence_parallel=True, moe_enable_routing_replay=True)
-        ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(1))
+        parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+        m = model(
+            tensor_model_parallel_size=tp,
+            sequence_parallel=tp > 1,
+            expert_model_parallel_size=ep,
+            moe_enable_routing_replay=True,
+        )
+        assert len(m.decoder.layers[0].mlp.experts.local_experts) == 8 // ep  # this rank's experts
+        # tensor-parallel ranks share their batch; with tp=1 the two ranks are data-parallel: their own batches
+        seed = 1 if tp > 1 else 1 + rank
+        ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(seed))
+        s_loc = S // tp
+        gather = _all_gather_seq if tp > 1 else (lambda t: t)
         step = megatron_routing_step(m, opts(control="replay_indices"))
         spy = Spy(m)
         with torch.no_grad(), step.capture(RESP) as rec:
@@ -562,9 +572,9 @@ def _tensor_parallel_worker(rank: int, port: int) -> None:
         assert old.full.topk_idx.shape == (B, S, 2, 2)
         for layer, r in enumerate(routers_of(m)):
             local = spy.inputs[layer][0]
-            assert local.shape[0] == S // 2  # this rank routed half of the sequence
-            hidden = _all_gather_seq(local)  # [S, B, H]
-            used = _all_gather_seq(spy.maps[layer][0].reshape(S // 2, B, -1).to(torch.int64)).reshape(S * B, -1)
+            assert local.shape[0] == s_loc  # with sequence parallelism, this rank routed its shard
+            hidden = gather(local)  # [S, B, H]
+            used = gather(spy.maps[layer][0].reshape(s_loc, B, -1).to(torch.int64)).reshape(S * B, -1)
             want = experts_bs(used.bool(), 2)
             assert torch.equal(old.full.topk_idx[:, :, layer].long().sort(-1).values, want)
             ref = naive_logp(hidden[RESP], r.weight, old.trace.topk_idx[:, :, layer].long())
@@ -577,27 +587,35 @@ def _tensor_parallel_worker(rank: int, port: int) -> None:
         logits.sum().backward()
         step.end()
         spy.remove()
-        shard = slice(rank * (S // 2), (rank + 1) * (S // 2))
+        shard = slice(rank * s_loc, (rank + 1) * s_loc) if tp > 1 else slice(0, S)
+        changed = 0
         for layer in range(2):
-            local_map = spy.maps[layer][0].reshape(S // 2, B, -1)
-            for s_loc in range(S // 2):
+            local_map = spy.maps[layer][0].reshape(s_loc, B, -1)
+            for i in range(s_loc):
                 for b in range(B):
-                    got = sorted(local_map[s_loc, b].nonzero().flatten().tolist())
-                    assert got == sorted(old.full.topk_idx[b, shard][s_loc, layer].long().tolist())
+                    got = sorted(local_map[i, b].nonzero().flatten().tolist())
+                    assert got == sorted(old.full.topk_idx[b, shard][i, layer].long().tolist())
+            own = cur.trace.topk_idx[:, :, layer].long().sort(-1).values
+            changed += int((own != old.trace.topk_idx[:, :, layer].long().sort(-1).values).any(-1).sum())
+        assert changed > 0  # the replay overrode real changes
         gamma = step.gamma(old, cur.trace)
         assert float(gamma.min()) < 1
-        both = [torch.empty_like(gamma) for _ in range(2)]
-        torch.distributed.all_gather(both, gamma)
-        assert torch.equal(both[0], both[1])  # every tensor-parallel rank weighs its loss alike
+        if tp > 1:
+            both = [torch.empty_like(gamma) for _ in range(2)]
+            torch.distributed.all_gather(both, gamma)
+            assert torch.equal(both[0], both[1])  # every tensor-parallel rank weighs its loss alike
         assert all(float(r.weight.grad.abs().sum()) > 0 for r in routers_of(m))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_tensor_and_sequence_parallel_ranks_gather_the_full_sequence_and_replay_their_shard():
-    """Two gloo processes, tensor_model_parallel_size=2 with sequence parallelism: each rank's routers see half of
-    the sequence; each rank's trace is the whole sequence's (checked against the test's own gather of the routers'
-    inputs and routing maps), R2 replays each rank's shard, and gamma is identical on both ranks."""
+@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2)], ids=["tp2-sequence-parallel", "ep2"])
+def test_two_parallel_ranks_capture_their_tokens_and_replay(tp, ep):
+    """Two gloo processes. tp2: tensor_model_parallel_size=2 with sequence parallelism: each rank's routers see
+    half of the sequence; each rank's trace is the whole sequence's (checked against the test's own gather of the
+    routers' inputs and routing maps), R2 replays each rank's shard, gamma is identical on both ranks. ep2:
+    expert_model_parallel_size=2 (each rank holds 4 of the 8 experts, tokens dispatched across ranks): each
+    rank's trace and replay are its own tokens'."""
     import socket
 
     import torch.multiprocessing as mp
@@ -605,4 +623,4 @@ def test_tensor_and_sequence_parallel_ranks_gather_the_full_sequence_and_replay_
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_tensor_parallel_worker, args=(port,), nprocs=2, join=True)
+    mp.spawn(_parallel_worker, args=(port, tp, ep), nprocs=2, join=True)
