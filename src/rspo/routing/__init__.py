@@ -17,7 +17,15 @@ from rspo.routing.shift import (
     router_shift_ratio,
     router_shift_ratio_with_grad,
 )
-from rspo.routing.step import OldTrace, RoutingControl, RoutingOptions, RoutingStep, router_gamma, router_metrics
+from rspo.routing.step import (
+    OldTrace,
+    Routers,
+    RoutingControl,
+    RoutingOptions,
+    RoutingStep,
+    router_gamma,
+    router_metrics,
+)
 
 __all__ = [
     "FAMILIES",
@@ -30,6 +38,7 @@ __all__ = [
     "RouterFamily",
     "RouterProb",
     "RouterTrace",
+    "Routers",
     "RoutingControl",
     "RoutingOptions",
     "RoutingStep",

@@ -18,7 +18,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -41,6 +41,29 @@ RoutingControl = Literal["none", "freeze", "replay_logits", "replay_indices", "r
 """Router freezing; routing replay from the old pass (``replay_logits``: experts and weights; ``replay_indices``,
 R2: experts, weights from the current router); rollout routing replay (``replay_rollout``, R3: the experts the
 rollout engine chose, weights from the current router, in the old pass and every update)."""
+
+
+class Routers(Protocol):
+    """What the routing step drives: :class:`~rspo.routing.MoERouters` (transformers) or another engine's
+    routers with the same interface (:class:`rspo.integrations.megatron.MegatronRouters`)."""
+
+    top_k: int
+    model_top_k: int
+    num_experts: int
+
+    def capture(
+        self, positions: slice | None = None, weights: bool = False, chunks: str = "sequence", logp: bool = True
+    ) -> contextlib.AbstractContextManager: ...
+
+    def gather(
+        self, trace: RouterTrace, positions: slice | None = None, keep_grad: bool = False, chunks: str = "single"
+    ) -> contextlib.AbstractContextManager: ...
+
+    def start_replay(self, trace: RouterTrace, mode: str = "indices") -> None: ...
+
+    def stop_replay(self) -> None: ...
+
+    def freeze(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -176,7 +199,7 @@ class RoutingStep:
     nothing needs a router; asking it for router shift, a routing control or router logging is an error
     naming the model class."""
 
-    def __init__(self, model: nn.Module, opts: RoutingOptions, routers: MoERouters | None = None) -> None:
+    def __init__(self, model: nn.Module, opts: RoutingOptions, routers: Routers | None = None) -> None:
         self.opts = opts
         needs = opts.shift or opts.control != "none"
         if routers is not None:  # another engine's routers with MoERouters' interface (Megatron-Core)
