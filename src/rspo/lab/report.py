@@ -174,8 +174,8 @@ def summarize(cfg: StudyConfig, arms: dict[str, ArmRuns] | None = None) -> dict[
 # Figures
 # ----------------------------------------------------------------------------------------
 def figures(table: dict[str, dict[str, Any]], arms: dict[str, ArmRuns], out_dir: Path) -> None:
-    """curves.png (mean over seeds with a min..max band), gamma.png (per-step gamma distributions) and
-    final.png (final and best accuracy, one dot per seed) into ``out_dir``."""
+    """curves.png (mean over seeds, each seed as a thin line, a min..max band), gamma.png (per-step gamma
+    distributions) and final.png (final and best accuracy, one dot per seed) into ``out_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,13 +197,16 @@ def figures(table: dict[str, dict[str, Any]], arms: dict[str, ArmRuns], out_dir:
             hi = [max(s[t] for s in seeds) for t in steps]
             ax.plot(steps, mean, label=arm, lw=1.3, color=color[arm], ls="--" if arm.endswith("(ref)") else "-")
             ax.fill_between(steps, lo, hi, color=color[arm], alpha=0.12)
+            for s in seeds:  # each seed: instability events stay visible instead of being averaged away
+                own = sorted(s)
+                ax.plot(own, [s[t] for t in own], lw=0.5, alpha=0.35, color=color[arm])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("mean over seeds, band = min..max over seeds", fontsize=10)
+    fig.suptitle("thick: mean over seeds; thin: each seed; band = min..max over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png", dpi=100)
     plt.close(fig)
