@@ -35,11 +35,14 @@ def add(task):  # "Read two integers a and b on one line and print their sum."
     return next(e for e in task.eval_examples("s") if e.id == "io-sum")
 
 
-# what a program could not reach anyway, or what is rebuilt (virtual environments, the docs site, run output)
+# what a program could not reach anyway, or what is rebuilt (virtual environments, the docs site, run output, and
+# the package metadata pip rewrites: `.ci/run` builds the peer environments while this suite runs)
 PROJECT_SKIP = (
     ".git",
     ".venv",
     ".venv-verl",
+    ".venv-megatron",
+    "rspo.egg-info",
     "build",
     "runs",
     "__pycache__",
