@@ -171,6 +171,14 @@ def seq_mean(per_seq: Tensor, mask: Tensor) -> Tensor:
     return masked(per_seq, valid).sum() / valid.sum().clamp(min=1)
 
 
+def aggregation_count(mask: Tensor, loss_agg: LossAgg | None) -> Tensor:
+    """The denominator a batch brings to its loss's mean: its response tokens under ``token-mean``, else its
+    sequences with at least one response token (every sequence mean). A batch's loss scaled by this count over
+    the count of the whole mini-batch sums, over batches, to the mini-batch's loss (engines that split it)."""
+    m = mask > 0
+    return m.sum() if loss_agg == "token-mean" else (m.sum(-1) > 0).sum()
+
+
 def aggregate(loss_mat: Tensor, mask: Tensor, loss_agg: LossAgg, norm_length: float | None = None) -> Tensor:
     """Reduce a per-token loss ``(B, T)`` to a scalar.
 

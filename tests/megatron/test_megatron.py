@@ -99,6 +99,17 @@ def nudge_routers(m, scale: float, seed: int = 5) -> None:
             r.weight.add_(torch.randn(r.weight.shape, generator=g, dtype=r.weight.dtype) * scale)
 
 
+def replayed_update(m, step, old, ids):
+    """One training forward and backward through the routing step (replaying if it does), watched by a Spy."""
+    spy = Spy(m)
+    with step.forward(old, RESP) as cur:
+        logits = h.forward(m, ids)
+    logits.sum().backward()
+    step.end()
+    spy.remove()
+    return cur, spy
+
+
 # ------------------------------------------------------------------------------------------------- capture
 @pytest.mark.parametrize(
     ("score", "prob", "topk_k"),
@@ -206,12 +217,7 @@ def test_r2_replay_reproduces_the_old_experts_in_every_layer_and_the_router_keep
     old = step.old_trace(rec.trace, RESP)
     assert old.full is not None and old.full.topk_idx.shape == (B, S, 2, 2)
     nudge_routers(m, 2.0)  # most tokens change their own top-2
-    spy = Spy(m)
-    with step.forward(old, RESP) as cur:
-        logits = h.forward(m, ids)
-    logits.sum().backward()
-    step.end()
-    spy.remove()
+    cur, spy = replayed_update(m, step, old, ids)
     own_changed = 0
     for layer in range(2):
         used = experts_bs(spy.maps[layer][0], 2)
@@ -581,12 +587,7 @@ def _parallel_worker(rank: int, port: int, tp: int, ep: int) -> None:
             torch.testing.assert_close(old.trace.logp[:, :, layer], ref, rtol=0, atol=1e-12)
 
         nudge_routers(m, 2.0)  # the same nudge on both ranks: routers are replicated
-        spy = Spy(m)
-        with step.forward(old, RESP) as cur:
-            logits = h.forward(m, ids)
-        logits.sum().backward()
-        step.end()
-        spy.remove()
+        cur, spy = replayed_update(m, step, old, ids)
         shard = slice(rank * s_loc, (rank + 1) * s_loc) if tp > 1 else slice(0, S)
         changed = 0
         for layer in range(2):

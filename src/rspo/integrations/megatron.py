@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from rspo.errors import ConfigError, ModelError
-from rspo.objectives import compute_policy_loss, get_objective
+from rspo.objectives import aggregation_count, compute_policy_loss, get_objective
 from rspo.options import Options
 from rspo.routing.capture import ReplayMode, RouterTrace, _in_backward, _Recorder, index_dtype
 from rspo.routing.families import RouterProb, router_log_probs_at
@@ -76,6 +76,8 @@ from rspo.routing.step import RoutingStep
 
 Tensor = torch.Tensor
 Positions = slice | None
+
+NO_LOGITS_REPLAY = "Megatron-Core's RouterReplay replays experts only (replay_indices, R2, or replay_rollout, R3)"
 
 MOE_LAYER = "MoELayer"
 ROUTER = "TopKRouter"
@@ -318,7 +320,7 @@ class MegatronRouters:
         """Record each token's experts and router log-probs at them (``.trace`` on exit); several forwards in
         one context are concatenated along the batch (``chunks='batch'``: micro-batches)."""
         if weights:
-            raise ConfigError("routing.control=replay_logits: Megatron-Core's RouterReplay replays experts only")
+            raise ConfigError(f"routing.control=replay_logits: {NO_LOGITS_REPLAY}")
         if chunks != "batch":
             raise ValueError("Megatron-Core capture concatenates micro-batches (chunks='batch') only")
         rec = _Recorder(self.num_layers, positions, concat_dim=0)
@@ -398,7 +400,7 @@ class MegatronRouters:
         """Replay ``trace`` (every position of exactly the next forwards' batch) through Megatron-Core's
         ``RouterReplay`` until :meth:`stop_replay`."""
         if mode != "indices":
-            raise ConfigError("routing.control=replay_logits: Megatron-Core's RouterReplay replays experts only")
+            raise ConfigError(f"routing.control=replay_logits: {NO_LOGITS_REPLAY}")
         if trace.topk_idx.shape[-1] != self.model_top_k:
             raise ValueError(
                 f"replay needs moe_router_topk={self.model_top_k} experts per layer in the trace, got "
@@ -480,10 +482,7 @@ def megatron_routing_step(model: nn.Module, options: Options, log: bool | None =
     checked against them (:func:`check_config`)."""
     ro = options.routing_options(log=log)
     if ro.control == "replay_logits":
-        raise ConfigError(
-            f"{options.names.control}=replay_logits: Megatron-Core's RouterReplay replays experts only "
-            "(replay_indices, R2, or replay_rollout, R3)"
-        )
+        raise ConfigError(f"{options.names.control}=replay_logits: {NO_LOGITS_REPLAY}")
     replay = ro.control in ("replay_indices", "replay_rollout")
     routers = MegatronRouters(model, ro.top_k, ro.prob, replay=replay, keep_grad=not ro.stop_gradient)
     return RoutingStep(model, ro, routers=routers)
@@ -541,9 +540,8 @@ def policy_loss(
     if global_count is not None:
         if not global_count > 0:
             raise ValueError(f"global_count must be > 0, got {global_count}")
-        mask = response_mask > 0
-        local = mask.sum() if hp.get("loss_agg") == "token-mean" else (mask.sum(-1) > 0).sum()
-        loss = loss * (local.to(loss.dtype) / global_count * num_microbatches * dp_size)
+        local = aggregation_count(response_mask, hp.get("loss_agg")).to(loss.dtype)
+        loss = loss * (local / global_count * num_microbatches * dp_size)
     return loss, metrics
 
 

@@ -41,7 +41,7 @@ import torch
 
 from rspo.config import build, check_value
 from rspo.errors import ConfigError
-from rspo.objectives import WeightsReduce, compute_policy_loss, get_objective, list_objectives
+from rspo.objectives import WeightsReduce, aggregation_count, compute_policy_loss, get_objective, list_objectives
 from rspo.options import Names, ObjectiveOptions, Options, RouterShiftOptions, router_shift_fields
 from rspo.routing.capture import RouterTrace
 from rspo.routing.step import (
@@ -421,11 +421,12 @@ def install_capture(engine: Any, cfg: VerlRSPOConfig) -> EngineRouterCapture:
 # ---------------------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------------------
-def _global_scale(loss: Tensor, mask: Tensor, token_level_mean: bool, info: dict) -> tuple[Tensor, bool]:
+def _global_scale(loss: Tensor, mask: Tensor, loss_agg: str | None, info: dict) -> tuple[Tensor, bool]:
     """Our micro-batch mean -> verl's global normalisation: sum / (global tokens or sequences) * dp_size
     (``info``: verl's global batch info). Returns the loss and whether it is a partial sum (to be summed
     over micro-batches and ranks); without global counts (one process) the micro-batch mean, as agg_loss."""
     dp = int(info["dp_size"] or 1)
+    token_level_mean = loss_agg == "token-mean"
     total = info["batch_num_tokens"] if token_level_mean else info["global_batch_size"]
     if total is None:
         if dp > 1:
@@ -434,8 +435,7 @@ def _global_scale(loss: Tensor, mask: Tensor, token_level_mean: bool, info: dict
                 "dp_size > 1 (verl's agg_loss rule)"
             )
         return loss, False
-    local = mask.sum() if token_level_mean else (mask.sum(-1) > 0).sum()
-    return loss * local / total * dp, True
+    return loss * aggregation_count(mask, loss_agg) / total * dp, True
 
 
 DUMP_ENV = "RSPO_VERL_DUMP_DIR"
@@ -529,8 +529,7 @@ def rspo_ppo_loss(
         else None,
         **hp,
     )
-    token_mean = hp.get("loss_agg") == "token-mean"
-    policy_loss, partial_sum = _global_scale(loss, mask, token_mean, info)
+    policy_loss, partial_sum = _global_scale(loss, mask, hp.get("loss_agg"), info)
     if os.environ.get(DUMP_ENV):
         _dump_loss_inputs(
             os.environ[DUMP_ENV],

@@ -65,8 +65,8 @@ class RouterTrace:
     """Router record of one forward, per kept token and MoE layer.
 
     topk_idx: ``(B, T, L, K)`` expert indices (smallest integer dtype).
-    logp: ``(B, T, L, K)`` float32 (float64 for a float64 router) router log-probs at those experts (with grad only from
-        ``gather(..., keep_grad=True)``).
+    logp: ``(B, T, L, K)`` router log-probs at those experts, float32 (float64 for a float64 router; with grad
+        only from ``gather(..., keep_grad=True)``).
     weights: ``(B, T, L, k)`` the weights the experts received, in the router's dtype (kept by
         ``capture(weights=True)``, needed by ``replay(mode='logits')``), else None.
     known: ``(B, T)`` bool, for replay only: the positions whose experts the trace holds; the others keep

@@ -194,33 +194,30 @@ def is_moe(model: nn.Module) -> bool:
         return False
 
 
+def _refuse_dense(model: nn.Module, opts: RoutingOptions, needs: bool) -> None:
+    if looks_moe(model):
+        family_of(model)  # an MoE of an unsupported family: its error names the supported ones
+    what = "router shift" if opts.shift else f"routing control {opts.control!r}" if needs else "log_router"
+    raise ModelError(f"{type(model).__name__} is a dense model (no MoE router): {what} needs an MoE model")
+
+
 class RoutingStep:
     """The routing side of one RL update (see the module docstring). A dense model is accepted when
     nothing needs a router; asking it for router shift, a routing control or router logging is an error
     naming the model class."""
 
     def __init__(self, model: nn.Module, opts: RoutingOptions, routers: Routers | None = None) -> None:
+        """``routers``: another engine's routers (Megatron-Core's); None finds the transformers model's."""
         self.opts = opts
         needs = opts.shift or opts.control != "none"
-        if routers is not None:  # another engine's routers with MoERouters' interface (Megatron-Core)
-            self.routers = routers if needs or opts.log is not False else None
-            self._check(opts)
-            return
-        if not is_moe(model):
-            if needs or opts.log:
-                if looks_moe(model):
-                    family_of(model)  # an MoE of an unsupported family: its error names the supported ones
-                what = "router shift" if opts.shift else f"routing control {opts.control!r}" if needs else "log_router"
-                raise ModelError(f"{type(model).__name__} is a dense model (no MoE router): {what} needs an MoE model")
-            self.routers = None
-            return
-        self.routers = MoERouters(model, top_k=opts.top_k, prob=opts.prob)
-        if not (needs or opts.log is not False):
-            self.routers = None
-            return
-        self._check(opts)
-
-    def _check(self, opts: RoutingOptions) -> None:
+        if routers is None:
+            if not is_moe(model):
+                if needs or opts.log:
+                    _refuse_dense(model, opts, needs)
+                self.routers = None
+                return
+            routers = MoERouters(model, top_k=opts.top_k, prob=opts.prob)  # checks top_k and prob even if unused
+        self.routers = routers if needs or opts.log is not False else None
         if self.routers is None:
             return
         if opts.control == "freeze":
